@@ -1,0 +1,258 @@
+"""GRPO from scratch: sample completions, score them as a group, push the policy toward the better ones.
+
+One step, for N prompts with G completions each:
+
+    sample        G completions per prompt from the current policy, with a KV cache
+    reward        done by the task (judge.py), not here: one number per completion, or None when missing
+    advantage     A_i = (r_i - mean(r_group)) / (std(r_group) + eps)            per group of G
+    loss          -min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A) + beta * k3(ref, pi)   per token
+                  with rho = exp(logp - logp_old), averaged over the tokens of the whole global batch
+
+This file knows nothing about the task, the judge, the data or distributed training: models are Hugging
+Face causal LMs, prompts are lists of token ids, rewards are tensors.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+def shape_logits(logits, temperature=1.0, top_k=0, top_p=1.0):
+    """The distribution the policy actually samples from, as float32 logits (-inf outside the kept set).
+
+    The sampler and the trainer both call this: a policy-gradient ratio compares probabilities of *this*
+    distribution, so recomputing log-probs without the same temperature and truncation is a silent bug.
+    """
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the tokens ranked above it already reach top_p; the top token always stays.
+        drop_sorted = probs.cumsum(-1) - probs >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+@dataclass
+class Rollout:
+    """G completions per prompt, row r belonging to prompt r // G. Prompts are left-padded, completions
+    right-padded; the masks, not the pad id, say which tokens are real (pad may equal EOS)."""
+
+    prompt_ids: torch.Tensor  # [B, P]
+    prompt_mask: torch.Tensor  # [B, P] 1 on real prompt tokens
+    completion_ids: torch.Tensor  # [B, T]
+    completion_mask: torch.Tensor  # [B, T] 1 on sampled tokens, up to and including EOS / the stop string
+    logprobs: torch.Tensor  # [B, T] log-prob of each sampled token under the shaped distribution, 0 on padding
+    finished: torch.Tensor  # [B] True if the row ended by EOS or a stop string, False if it hit the length cap
+
+
+def positions_from_mask(attention_mask):
+    """Position ids that count only real tokens, so a left-padded row sees the same positions as unpadded."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def sample(model, prompts, group_size, max_new_tokens, eos_token_ids, pad_token_id, temperature=1.0,
+           top_k=0, top_p=1.0, stop_strings=(), tokenizer=None, seeds=None):
+    """Sample `group_size` completions for each prompt (a list of token-id lists).
+
+    The prompts are prefilled once, as one left-padded batch, and each prompt's KV cache is then copied to
+    its G rows. Every row draws its tokens from its own generator (`seeds`, one per row), so a completion
+    does not depend on which rows share its batch: the same seeds give the same rollouts on 1 or N ranks.
+    temperature 0 is greedy decoding (log-probs then come from the temperature-1 distribution).
+    A row stops at an EOS token or once its text contains a stop string (needs `tokenizer`); finished rows
+    are dropped from the batch and the cache, so they cost nothing while the others go on.
+    """
+    device = model.get_input_embeddings().weight.device
+    n_rows = len(prompts) * group_size
+    width = max(len(p) for p in prompts)
+    prompt_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    prompt_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        prompt_ids[i, width - len(p):] = torch.tensor(p)
+        prompt_mask[i, width - len(p):] = 1
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    if seeds is None:
+        seeds = torch.randint(2**62, (n_rows,)).tolist()
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    eos = torch.tensor(list(eos_token_ids), device=device)
+    stop_window = max((len(s) for s in stop_strings), default=0)  # a token decodes to >= 1 character
+
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions_from_mask(prompt_mask),
+                use_cache=True, logits_to_keep=1)
+    cache = out.cache
+    cache.batch_repeat_interleave(group_size)
+    # Expand before sampling: the G rows of a prompt must draw their first tokens independently.
+    logits = out.logits[:, -1].repeat_interleave(group_size, 0)
+    attention_mask = prompt_mask.repeat_interleave(group_size, 0)
+    next_position = positions_from_mask(attention_mask)[:, -1] + 1
+
+    completion_ids = torch.full((n_rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros((n_rows, max_new_tokens), device=device)
+    lengths = torch.zeros(n_rows, dtype=torch.long, device=device)
+    finished = torch.zeros(n_rows, dtype=torch.bool, device=device)
+    alive = torch.arange(n_rows, device=device)  # rows still generating, in cache order
+    for t in range(max_new_tokens):
+        shaped = shape_logits(logits, temperature or 1.0, top_k, top_p)
+        if temperature == 0:
+            token = shaped.argmax(-1)
+        else:
+            cdf = shaped.softmax(-1).cumsum(-1)
+            u = torch.cat([torch.rand(1, generator=generators[r]) for r in alive.tolist()]).to(device)
+            # Inverse-CDF draw; right=True never lands on a zero-probability (truncated) token.
+            token = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
+            token = token.clamp(max=cdf.size(-1) - 1)
+        completion_ids[alive, t] = token
+        logprobs[alive, t] = shaped.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
+        lengths[alive] += 1
+        done = torch.isin(token, eos)
+        if stop_window:
+            for i, r in enumerate(alive.tolist()):
+                tail = tokenizer.decode(completion_ids[r, max(0, t + 1 - stop_window):t + 1])
+                done[i] |= any(s in tail for s in stop_strings)
+        finished[alive[done]] = True
+        if t == max_new_tokens - 1 or done.all():
+            break
+        if done.any():
+            keep = (~done).nonzero().squeeze(-1)
+            cache.batch_select_indices(keep)
+            alive, token, attention_mask, next_position = alive[keep], token[keep], attention_mask[keep], next_position[keep]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(alive), 1)], dim=1)
+        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position[:, None],
+                    cache=cache, use_cache=True)
+        logits = out.logits[:, -1]
+        next_position = next_position + 1
+
+    width = int(lengths.max())
+    completion_mask = (torch.arange(width, device=device) < lengths[:, None]).long()
+    return Rollout(prompt_ids.repeat_interleave(group_size, 0), prompt_mask.repeat_interleave(group_size, 0),
+                   completion_ids[:, :width], completion_mask, logprobs[:, :width], finished)
+
+
+def token_logprobs(model, input_ids, attention_mask, n_completion, temperature=1.0, top_k=0, top_p=1.0,
+                   chunk_tokens=2048):
+    """Teacher-forced log-probs and entropies of the last `n_completion` tokens of each row: ([B, T], [B, T]).
+
+    The logits at position t predict token t + 1, so the completion's T tokens are scored by the hidden
+    states at positions L - T - 1 ... L - 2. The vocabulary projection runs on chunks of `chunk_tokens`
+    tokens, each recomputed in backward (activation checkpointing), so [B, T, vocab] float32 logits never
+    exist at once. It runs inside the model's own forward, through hooks on the output layer, because
+    under FSDP that is where the (possibly tied) output weight is gathered and where gradients are tracked.
+    """
+    head = model.get_output_embeddings()
+    targets = input_ids[:, -n_completion:].reshape(-1)
+    hidden = {}
+
+    def take_hidden(module, args):
+        hidden["h"] = args[0]
+        return (args[0][:, :0],)  # the head projects nothing itself
+
+    def project_in_chunks(module, args, output):
+        h = hidden.pop("h")[:, :-1].reshape(targets.numel(), -1)
+        logps, entropies = [], []
+        for start in range(0, targets.numel(), chunk_tokens):
+            part = slice(start, start + chunk_tokens)
+            args = (h[part], module.weight, module.bias, targets[part], temperature, top_k, top_p)
+            lp, ent = checkpoint(_chunk_logprobs, *args, use_reentrant=False) if torch.is_grad_enabled() \
+                else _chunk_logprobs(*args)
+            logps.append(lp)
+            entropies.append(ent)
+        return torch.cat(logps), torch.cat(entropies)  # flat: FSDP warns about view outputs
+
+    handles = [head.register_forward_pre_hook(take_hidden), head.register_forward_hook(project_in_chunks)]
+    try:
+        out = model(input_ids=input_ids, attention_mask=attention_mask,
+                    position_ids=positions_from_mask(attention_mask), use_cache=False,
+                    logits_to_keep=n_completion + 1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    logps, entropies = out.logits
+    return logps.view(-1, n_completion), entropies.view(-1, n_completion)
+
+
+def _chunk_logprobs(h, weight, bias, targets, temperature, top_k, top_p):
+    logp = shape_logits(torch.nn.functional.linear(h, weight, bias), temperature, top_k, top_p).log_softmax(-1)
+    with torch.no_grad():  # entropy is only logged
+        entropy = torch.special.entr(logp.exp()).sum(-1)
+    return logp.gather(-1, targets[:, None]).squeeze(-1), entropy
+
+
+def group_advantages(rewards, group_size, scale_by_std=True, eps=1e-6):
+    """A_i = (r_i - mean) / (std + eps) within each group of `group_size` consecutive rewards.
+
+    `rewards` is a float tensor with NaN for a missing reward (the judge failed). Missing rewards are left
+    out of their group's statistics and get advantage 0; a group with fewer than two valid rewards has no
+    baseline and gets 0 everywhere; a group whose rewards are all equal gets 0, not NaN. std is the sample
+    standard deviation (n - 1), as in torch.std. scale_by_std=False drops the division (Dr. GRPO).
+    """
+    r = rewards.view(-1, group_size)
+    valid = ~r.isnan()
+    count = valid.sum(-1, keepdim=True)
+    mean = torch.where(valid, r, 0.0).sum(-1, keepdim=True) / count.clamp(min=1)
+    centered = torch.where(valid, r - mean, 0.0)
+    advantages = centered
+    if scale_by_std:
+        std = ((centered ** 2).sum(-1, keepdim=True) / (count - 1).clamp(min=1)).sqrt()
+        advantages = centered / (std + eps)
+    return torch.where(count >= 2, advantages, 0.0).view(-1)
+
+
+def trained_rows(rewards, group_size):
+    """Rows that enter the loss: a valid reward in a group with at least two valid rewards."""
+    valid = ~rewards.view(-1, group_size).isnan()
+    return (valid & (valid.sum(-1, keepdim=True) >= 2)).view(-1)
+
+
+def loss_normalizer(mask, aggregation, max_new_tokens):
+    """This batch's share of the loss denominator. Sum it over every micro-batch and rank *before* the
+    backward passes, so that neither gradient accumulation nor the number of ranks changes the update.
+
+    token      every trained token weighs the same: the global token count (longer answers weigh more)
+    sequence   every sequence weighs the same: the global sequence count, each sequence its own token mean
+               (biased: a long wrong answer is penalised less per token than a short one)
+    constant   the global sequence count times max_new_tokens (Dr. GRPO): unbiased and length-independent
+    """
+    sequences = (mask.sum(-1) > 0).sum()
+    if aggregation == "token":
+        return mask.sum().float()
+    if aggregation == "sequence":
+        return sequences.float()
+    if aggregation == "constant":
+        return sequences.float() * max_new_tokens
+    raise ValueError(f"unknown aggregation {aggregation!r}: use token, sequence or constant")
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, normalizer, aggregation="token", clip_low=0.2,
+                clip_high=0.2, ref_logprobs=None, kl_coef=0.0):
+    """Clipped surrogate loss of one micro-batch, already divided by the global `normalizer`
+    (from `loss_normalizer`): summing it over micro-batches and ranks gives the batch loss.
+
+    logprobs, old_logprobs, ref_logprobs, mask: [B, T]; advantages: [B]. Returns (loss, stats) where stats
+    holds token sums (divide by stats["tokens"] summed the same way) of: clipped (tokens where the clip is
+    active), approx_kl (k3 estimate of KL(old || new)), ref_kl (k3 estimate of KL(new || ref)).
+    """
+    mask = mask.float()
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = ratio * advantages[:, None]
+    clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * advantages[:, None]
+    per_token = -torch.minimum(unclipped, clipped)
+    stats = {"tokens": mask.sum().item()}
+    if ref_logprobs is not None:
+        # k3 = exp(ref - logp) - (ref - logp) - 1 >= 0: an unbiased, low-variance estimate of KL(pi || ref)
+        # on tokens sampled from pi; its gradient pulls logp toward ref.
+        log_ratio = ref_logprobs - logprobs
+        ref_kl = torch.exp(log_ratio) - log_ratio - 1
+        per_token = per_token + kl_coef * ref_kl
+        stats["ref_kl"] = (ref_kl.detach() * mask).sum().item()
+    weights = mask / mask.sum(-1, keepdim=True).clamp(min=1) if aggregation == "sequence" else mask
+    loss = (per_token * weights).sum() / normalizer
+    with torch.no_grad():
+        stats["clipped"] = ((clipped < unclipped).float() * mask).sum().item()
+        stats["approx_kl"] = ((ratio - 1 - (logprobs - old_logprobs)) * mask).sum().item()
+    return loss, stats

@@ -1,0 +1,162 @@
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from judge import RulesJudge, fuse, make_reward_fn, questions, score
+
+FIXTURE = Path(__file__).resolve().parents[2] / "shared/fixtures/realmedconv_206_1_processed.jsonl"
+
+CONTINUE = {"messages": [{"role": "user", "content": "I have a sore throat."}], "decision_truth": "continue",
+            "info_truth": ["symptom: sore throat", "symptom location: chest", "symptom severity: mild"]}
+STOP_SAMPLE = {"messages": [{"role": "user", "content": "Thanks, that is all."}], "decision_truth": "stop",
+               "info_truth": []}
+
+
+class RecordingJudge:
+    """Fake backend: returns fixed scores and remembers every call."""
+
+    def __init__(self, graded):
+        self.graded, self.calls = graded, []
+
+    def grade(self, sample, response):
+        self.calls.append(response)
+        return self.graded
+
+
+# ----------------------------------------------------------------------------- fusion, by hand
+
+@pytest.mark.parametrize("mode, rs, ra, p, expected", [
+    ("multiplicative", 1, 1.0, 1.0, 4.0),   # 1*(1+2*1)+1, the maximum
+    ("multiplicative", 1, 0.1, 0.5, 1.7),   # 1*(1+0.2)+0.5
+    ("multiplicative", 0, 1.0, 1.0, 1.0),   # content is worthless without the right decision
+    ("multiplicative", 1, 0.0, 0.0, 1.0),
+    ("sum", 1, 0.1, 0.5, 1.6),              # 1+0.1+0.5
+    ("sum", 0, 1.0, 1.0, 2.0),
+    ("ra_only", 1, 0.1, 0.5, 0.7),          # 2*0.1+0.5
+    ("ra_only", 0, 1.0, 1.0, 3.0),          # R_s is ignored
+    ("rs_only", 1, 0.1, 0.5, 3.5),          # 3*1+0.5
+    ("rs_only", 0, 1.0, 1.0, 1.0),          # R_a is ignored
+])
+def test_fusion_formulas(mode, rs, ra, p, expected):
+    assert fuse(rs, ra, p, mode) == pytest.approx(expected)
+
+
+# ----------------------------------------------------------------------------- decisions
+
+def test_wrong_decision_is_all_zero_and_skips_the_backend():
+    judge = RecordingJudge({"format": 1.0, "content": 1.0, "reasoning": "should not be asked"})
+    for sample, response in [(CONTINUE, "<stop />"), (STOP_SAMPLE, "Where is the pain?")]:
+        out = score(sample, response, judge, "sum")
+        assert (out["reward"], out["action"], out["content"], out["format"]) == (0.0, 0.0, 0.0, 0.0)
+        assert "wrong decision" in out["reasoning"]
+    assert judge.calls == []
+
+
+def test_correct_continue_asks_the_backend_and_fuses():
+    judge = RecordingJudge({"format": 0.5, "content": 0.1, "reasoning": "fake"})
+    out = score(CONTINUE, "Is it sore? Since when?", judge, "multiplicative")
+    assert judge.calls == ["Is it sore? Since when?"]
+    assert out["decision"] == "continue" and out["action"] == 1.0
+    assert out["reward"] == pytest.approx(1 * (1 + 2 * 0.1) + 0.5)
+
+
+def test_failed_backend_gives_missing_reward_not_zero():
+    out = score(CONTINUE, "Where is the pain?", RecordingJudge(None), "multiplicative")
+    assert out["reward"] is None and out["content"] is None and out["format"] is None
+
+
+def test_correct_stop_exact_earns_the_format_point():
+    judge = RecordingJudge(None)  # a stop is graded without the backend
+    exact = score(STOP_SAMPLE, "  <stop />\n", judge, "multiplicative")
+    assert (exact["action"], exact["content"], exact["format"], exact["reward"]) == (1.0, 1.0, 1.0, 4.0)
+    chatty = score(STOP_SAMPLE, "I have enough information. <stop />", judge, "multiplicative")
+    assert chatty["decision"] == "stop"
+    assert (chatty["content"], chatty["format"], chatty["reward"]) == (1.0, 0.0, 3.0)  # 1*(1+2)+0
+    assert judge.calls == []
+
+
+# ----------------------------------------------------------------------------- rules backend
+
+@pytest.mark.parametrize("response, n, fmt", [
+    ("Is your throat sore?", 1, 1.0),
+    ("Is your throat sore？ A) yes B) no", 1, 1.0),  # full-width mark, answer choices are no question
+    ("Is your throat sore?? Is it mild?", 2, 0.5),
+    ("Is your throat sore? Is it mild? Is it in the chest?", 3, 0.0),
+    ("Please tell me more about your throat.", 0, 0.0),
+])
+def test_format_counts_questions(response, n, fmt):
+    assert len(questions(response)) == n
+    assert RulesJudge().grade(CONTINUE, response)["format"] == fmt
+
+
+@pytest.mark.parametrize("response, content, reason", [
+    ("Is your THROAT sore?", 1.0, "symptom: sore throat"),                  # value words, any case
+    ("Where exactly do you notice it?", 1.0, "symptom location: chest"),    # field cue "where"
+    ("How bad is it on a scale of 1 to 10?", 1.0, "symptom severity: mild"),
+    ("How long have you had it?", 0.1, "generic"),
+    ("Any other symptoms?", 0.1, "generic"),                                 # "symptom" alone is no cue
+    ("Please drink plenty of water.", 0.0, "no question"),
+])
+def test_content_direct_generic_or_none(response, content, reason):
+    graded = RulesJudge().grade(CONTINUE, response)
+    assert graded["content"] == content
+    assert reason in graded["reasoning"]
+
+
+def test_words_match_on_a_crude_stem():
+    sample = dict(CONTINUE, info_truth=["symptom: cough", "symptom nature: nauseous"])
+    assert RulesJudge().grade(sample, "Have you been coughing at night?")["content"] == 1.0
+    assert RulesJudge().grade(sample, "Any nausea after meals?")["content"] == 1.0
+    assert RulesJudge().grade(sample, "Any fever?")["content"] == 0.1
+
+
+def test_content_is_graded_on_the_question_not_on_other_sentences():
+    graded = RulesJudge().grade(CONTINUE, "A sore throat is common. Since when have you had it?")
+    assert graded["content"] == 0.1
+
+
+def test_info_truth_must_be_a_list():
+    sample = dict(CONTINUE, info_truth="symptom: sore throat, symptom location: chest")
+    with pytest.raises(TypeError, match="list"):
+        RulesJudge().grade(sample, "Is your throat sore?")
+
+
+# ----------------------------------------------------------------------------- the real record, end to end
+
+def test_real_record_end_to_end():
+    sample = json.loads(FIXTURE.read_text().splitlines()[0])
+    # The processed file joins the items with ", "; a new item starts where "field: " follows.
+    sample["info_truth"] = re.split(r", (?=[a-z ]+: )", sample["info_truth"])
+    assert sample["info_truth"] == ["symptom: needle-like sensation", "symptom location: ear",
+                                    "symptom nature: sharp pain", "symptom severity: occurred twice"]
+    reward_fn = make_reward_fn({"backend": "rules", "fusion": "multiplicative"})
+    out = reward_fn([sample] * 4, [
+        "Do you also feel a sharp pain in your ear? A) yes B) no",  # direct, one question
+        "How high is your temperature now? Did the paracetamol help?",  # generic, two questions
+        "Take paracetamol and rest.",  # continue, but no question
+        "<stop />",  # the expert went on asking
+    ])
+    assert [o["reward"] for o in out] == pytest.approx([
+        1 * (1 + 2 * 1.0) + 1.0,
+        1 * (1 + 2 * 0.1) + 0.5,
+        1 * (1 + 2 * 0.0) + 0.0,
+        0.0,
+    ])
+    assert "symptom location: ear" in out[0]["reasoning"]
+    assert [o["decision"] for o in out] == ["continue", "continue", "continue", "stop"]
+
+
+def test_reward_fn_rejects_mismatched_batch():
+    with pytest.raises(ValueError):
+        make_reward_fn({"backend": "rules"})([CONTINUE], [])
+
+
+@pytest.mark.parametrize("cfg, name", [
+    ({"backend": "http-typo"}, "http-typo"),
+    ({"backend": "rules", "fusion": "product"}, "product"),
+])
+def test_unknown_backend_or_fusion_is_named(cfg, name):
+    with pytest.raises(ValueError, match=name):
+        make_reward_fn(cfg)

@@ -1,0 +1,184 @@
+"""How consultation logs become samples, checked on a real RealMedConv session and on edge cases."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import FIXTURES
+from preprocess import (SYSTEM_PROMPT, decision_truth, load_samples, policy_messages, split_info,
+                        split_session)
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "data" / "demo"
+
+
+def roles(s):
+    """'uaau' -> messages with those roles (u = patient, a = pharmacist), content = position."""
+    return [{"role": {"u": "user", "a": "assistant"}[c], "content": str(i)} for i, c in enumerate(s)]
+
+
+def cut(s):
+    """Each sample as (index of its last context message, decision_truth)."""
+    return [(len(ctx) - 1, decision_truth(fut)) for ctx, fut in split_session(roles(s))]
+
+
+# -----------------------------------------------------------------------------
+# split_session / decision_truth on the real session 35310
+
+# Its 28 roles, read off the file: 5 patient messages, then the pharmacist asks how long, and so on;
+# the pharmacist's last turn is the <med_search> action at index 27.
+REAL_ROLES = "uuuuu" "a" "uu" "a" "uu" "aa" "u" "a" "uuu" "a" "uuuu" "aa" "uu" "a"
+
+# Written by hand: the pharmacist speaks right after a patient block at indices 5, 8, 11, 14, 18, 23,
+# 27, so the contexts end one earlier. The patient speaks again after every one of them except the
+# last, where only <med_search> follows: that one is the single stop.
+REAL_EXPECTED = [(4, "continue"), (7, "continue"), (10, "continue"), (13, "continue"),
+                 (17, "continue"), (22, "continue"), (26, "stop")]
+
+
+def test_real_session_samples():
+    session = json.loads((FIXTURES / "realmedconv_35310.jsonl").read_text())
+    msgs = session["messages"]
+    assert "".join(m["role"][0] for m in msgs) == REAL_ROLES
+    pairs = split_session(msgs)
+    assert [(len(c) - 1, decision_truth(f)) for c, f in pairs] == REAL_EXPECTED
+    assert pairs[0][1][0]["content"] == "How long have the symptoms been present?"
+    assert pairs[-1][1] == [{"role": "assistant", "content": "<med_search>"}]
+    for context, future in pairs:
+        assert context + future == msgs  # nothing lost, nothing repeated
+        assert context[-1]["role"] == "user"
+        assert future[0]["role"] == "assistant"
+    for (a, _), (b, _) in zip(pairs, pairs[1:]):
+        assert b[:len(a)] == a and len(b) > len(a)  # cumulative: each context extends the one before
+
+
+def test_real_session_roles_cut_without_the_file():
+    # Same expectation on the role pattern alone, so it is checked even where the file is absent.
+    assert cut(REAL_ROLES) == REAL_EXPECTED
+
+
+# -----------------------------------------------------------------------------
+# edge cases
+
+
+@pytest.mark.parametrize("pattern, expected", [
+    ("", []),                                          # empty session
+    ("uuu", []),                                       # patient only: the pharmacist never acted
+    ("aaa", []),                                       # pharmacist only: no patient block
+    ("ua", [(0, "stop")]),
+    ("au" "a", [(1, "stop")]),                         # a greeting first stays in the context
+    ("ua" "a" "u" "a", [(0, "continue"), (3, "stop")]),  # two pharmacist turns: one decision
+    ("ua" "uu", [(0, "continue")]),                    # trailing patient block: no sample (see docstring)
+    ("uau" "aa" "u", [(0, "continue"), (2, "continue")]),  # patient has the last word
+])
+def test_split_edge_cases(pattern, expected):
+    assert cut(pattern) == expected
+
+
+def test_decision_truth():
+    assert decision_truth([]) == "stop"
+    assert decision_truth(roles("aa")) == "stop"
+    assert decision_truth(roles("u")) == "continue"
+    assert decision_truth(roles("aua")) == "continue"
+
+
+# -----------------------------------------------------------------------------
+# load_samples
+
+
+def test_load_real_processed_sample():
+    [s] = load_samples(FIXTURES / "realmedconv_206_1_processed.jsonl")
+    assert (s["cid"], s["session_id"], s["decision_truth"]) == ("206_1", 206, "continue")
+    assert [m["role"] for m in s["messages"]] == ["assistant", "user"]
+    # The published comma-joined string, split by hand into its items.
+    assert s["info_truth"] == ["symptom: needle-like sensation", "symptom location: ear",
+                               "symptom nature: sharp pain", "symptom severity: occurred twice"]
+
+
+def test_split_info_keeps_commas_inside_values():
+    assert split_info("symptom: cough, fever, trigger: cold air") == [
+        "symptom: cough, fever", "trigger: cold air"]
+    assert split_info("symptom nature: dry") == ["symptom nature: dry"]
+    assert split_info("") == []
+    assert split_info(["symptom: cough", "trigger: dust"]) == ["symptom: cough", "trigger: dust"]
+
+
+GOOD = {"cid": "1_1", "session_id": 1, "diagn": "Common cold",
+        "messages": [{"role": "user", "content": "I have a cold."}],
+        "decision_truth": "continue", "info_truth": ["symptom: fever"]}
+
+
+def broken(**changes):
+    """GOOD with some fields replaced (a value of None removes the field)."""
+    d = {**GOOD, **changes}
+    return json.dumps({k: v for k, v in d.items() if v is not None})
+
+
+@pytest.mark.parametrize("line, why", [
+    ('{"cid": "1_1",', "Expecting"),
+    ("[1, 2]", "JSON object"),
+    (broken(info_truth=None), "missing fields ['info_truth']"),
+    (broken(messages=[]), "non-empty list"),
+    (broken(messages=[{"role": "doctor", "content": "hi"}]), "role"),
+    (broken(messages=[{"role": "user", "content": ["hi"]}]), "content must be a string"),
+    (broken(messages=[{"role": "user"}]), "content must be a string"),
+    (broken(messages=GOOD["messages"] + [{"role": "assistant", "content": "ok"}]), "must end with a patient"),
+    (broken(decision_truth="maybe"), "decision_truth"),
+    (broken(info_truth=[1]), "info_truth"),
+])
+def test_load_errors_name_file_and_line(tmp_path, line, why):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n" + line + "\n")
+    with pytest.raises(ValueError) as e:
+        load_samples(path)
+    assert f"{path}:2:" in str(e.value)
+    assert why in str(e.value)
+
+
+def test_load_skips_blank_lines(tmp_path):
+    path = tmp_path / "ok.jsonl"
+    path.write_text("\n" + json.dumps(GOOD) + "\n\n")
+    assert load_samples(path) == [GOOD]
+
+
+# -----------------------------------------------------------------------------
+# the demo dataset
+
+
+def test_demo_files():
+    train, test = load_samples(DEMO / "train.jsonl"), load_samples(DEMO / "test.jsonl")
+    assert len(train) >= 200 and len(test) >= 50
+    assert not {s["session_id"] for s in train} & {s["session_id"] for s in test}
+    for split in (train, test):
+        stop_share = sum(s["decision_truth"] == "stop" for s in split) / len(split)
+        assert 0.25 <= stop_share <= 0.35
+        for s in split:
+            assert s["cid"].startswith(f"{s['session_id']}_")
+            # continue samples carry what to ask about; a stop has nothing left to ask
+            assert bool(s["info_truth"]) == (s["decision_truth"] == "continue")
+            assert all(": " in item for item in s["info_truth"])
+
+
+def test_demo_files_match_generator():
+    # The committed files are exactly what make_demo.py writes, so its README numbers can be rebuilt.
+    spec = importlib.util.spec_from_file_location("make_demo", DEMO / "make_demo.py")
+    make_demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_demo)
+    built = make_demo.build()
+    assert load_samples(DEMO / "train.jsonl") == built["train"]
+    assert load_samples(DEMO / "test.jsonl") == built["test"]
+
+
+# -----------------------------------------------------------------------------
+# the policy prompt
+
+
+def test_policy_messages():
+    sample = {**GOOD, "messages": roles("aua")[:2]}
+    msgs = policy_messages(sample)
+    assert msgs[0] == {"role": "system", "content": SYSTEM_PROMPT}
+    assert msgs[1:] == sample["messages"]
+    assert len(sample["messages"]) == 2  # the sample itself is left untouched
+    assert "<stop />" in SYSTEM_PROMPT

@@ -1,0 +1,119 @@
+"""The hand-written KV-cached sampler against Transformers' own generate and the trainer's log-probs."""
+
+import torch
+
+import grpo
+from conftest import tiny_llama
+
+PROMPTS = [[1, 5, 9, 13, 17, 21, 30], [1, 40], [1, 7, 7, 60, 3]]
+
+
+def full_rows(rollout):
+    return torch.cat([rollout.prompt_ids, rollout.completion_ids], 1), \
+        torch.cat([rollout.prompt_mask, rollout.completion_mask], 1)
+
+
+def test_greedy_matches_generate_token_for_token(model):
+    rollout = grpo.sample(model, PROMPTS, group_size=1, max_new_tokens=12, eos_token_ids=[2], pad_token_id=2,
+                          temperature=0)
+    generated = model.generate(input_ids=rollout.prompt_ids, attention_mask=rollout.prompt_mask, do_sample=False,
+                               max_new_tokens=12, eos_token_id=2, pad_token_id=2)
+    expected = generated[:, rollout.prompt_ids.size(1):]
+    assert torch.equal(rollout.completion_ids, expected[:, :rollout.completion_ids.size(1)])
+
+
+def test_left_padding_does_not_change_a_prompt(model):
+    """A prompt batched with longer ones must give the same greedy output as alone (positions, masks)."""
+    batched = grpo.sample(model, PROMPTS, 1, 10, [2], 2, temperature=0)
+    for i, prompt in enumerate(PROMPTS):
+        alone = grpo.sample(model, [prompt], 1, 10, [2], 2, temperature=0)
+        n = int(alone.completion_mask.sum())
+        assert torch.equal(batched.completion_ids[i, :n], alone.completion_ids[0, :n])
+
+
+def test_sampler_logprobs_equal_trainer_logprobs():
+    model = tiny_llama(seed=3)
+    for temperature, top_k, top_p in [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 20, 0.9)]:
+        rollout = grpo.sample(model, PROMPTS, group_size=4, max_new_tokens=16, eos_token_ids=[2], pad_token_id=2,
+                              temperature=temperature, top_k=top_k, top_p=top_p, seeds=list(range(12)))
+        ids, mask = full_rows(rollout)
+        logps, entropy = grpo.token_logprobs(model, ids, mask, rollout.completion_ids.size(1), temperature, top_k,
+                                             top_p, chunk_tokens=7)
+        m = rollout.completion_mask.bool()
+        assert torch.allclose(logps[m], rollout.logprobs[m], atol=1e-4)
+        assert (entropy[m] >= 0).all()
+
+
+def test_token_logprobs_against_full_logits(model):
+    """The chunked, hook-based projection equals log_softmax of the model's ordinary logits, with gradients."""
+    ids = torch.tensor([[2, 2, 1, 5, 9, 4, 8], [1, 3, 7, 11, 12, 40, 41]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]])
+    logps, _ = grpo.token_logprobs(model, ids, mask, 3, chunk_tokens=2)
+    logps.sum().backward()
+    chunked_grad = model.model.embed_tokens.weight.grad.clone()
+    model.zero_grad()
+
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=grpo.positions_from_mask(mask)).logits
+    reference = logits[:, -4:-1].log_softmax(-1).gather(-1, ids[:, -3:, None]).squeeze(-1)
+    reference.sum().backward()
+    assert torch.allclose(logps, reference, atol=1e-5)
+    assert torch.allclose(chunked_grad, model.model.embed_tokens.weight.grad, atol=1e-5)
+
+
+def test_rows_stop_independently_and_eos_is_trained_once():
+    model = tiny_llama(seed=1)
+    eos = 7  # a frequent token of this random model, so that some rows end early
+    rollout = grpo.sample(model, PROMPTS, group_size=4, max_new_tokens=20, eos_token_ids=[eos], pad_token_id=eos,
+                          temperature=1.5, seeds=list(range(12)))
+    lengths = rollout.completion_mask.sum(1)
+    assert len(set(lengths.tolist())) > 1, "rows should finish at different steps"
+    for row, n in zip(range(len(lengths)), lengths.tolist()):
+        ids = rollout.completion_ids[row]
+        hit = (ids[:n] == eos).nonzero().flatten().tolist()
+        if rollout.finished[row]:
+            assert hit == [n - 1], "EOS is the last trained token, exactly once, even though pad == EOS"
+        else:
+            assert hit == [] and n == 20
+        assert (rollout.completion_mask[row, n:] == 0).all() and (rollout.logprobs[row, n:] == 0).all()
+        assert (rollout.logprobs[row, :n] < 0).all()
+
+
+def test_first_token_is_sampled_per_row_not_per_prompt(model):
+    rollout = grpo.sample(model, [PROMPTS[0]], group_size=16, max_new_tokens=1, eos_token_ids=[2], pad_token_id=2,
+                          temperature=2.0, seeds=list(range(16)))
+    assert len(set(rollout.completion_ids[:, 0].tolist())) > 1
+
+
+def test_rollouts_do_not_depend_on_batch_company(model):
+    """Per-row seeds: a prompt's completions are the same alone or next to other prompts."""
+    together = grpo.sample(model, PROMPTS, 2, 8, [2], 2, seeds=list(range(6)))
+    alone = grpo.sample(model, [PROMPTS[1]], 2, 8, [2], 2, seeds=[2, 3])
+    n = alone.completion_ids.size(1)
+    assert torch.equal(together.completion_ids[2:4, :n], alone.completion_ids)
+
+
+def test_stop_strings_end_a_row():
+    class CharTokenizer:  # token id i decodes to the letter chr(97 + i % 26)
+        def decode(self, ids):
+            return "".join(chr(97 + i % 26) for i in ids)
+
+    model = tiny_llama(seed=2)
+    free = grpo.sample(model, [PROMPTS[0]], 1, 12, [], 2, temperature=0)
+    text = CharTokenizer().decode(free.completion_ids[0].tolist())
+    stop = text[3:5]
+    first = text.find(stop) + len(stop)
+    stopped = grpo.sample(model, [PROMPTS[0]], 1, 12, [], 2, temperature=0, stop_strings=[stop],
+                          tokenizer=CharTokenizer())
+    assert stopped.finished[0] and int(stopped.completion_mask.sum()) == first
+
+
+def test_top_k_and_top_p_keep_the_right_tokens():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    assert torch.isinf(grpo.shape_logits(logits, top_k=2)[0, 2:]).all()
+    probs = logits.softmax(-1)[0]  # 0.644, 0.237, 0.087, 0.032
+    # the smallest set of top tokens whose mass reaches top_p
+    assert probs[:2].sum() < 0.9 < probs[:3].sum()
+    assert grpo.shape_logits(logits, top_p=0.9).isfinite()[0].tolist() == [True, True, True, False]
+    assert grpo.shape_logits(logits, top_p=0.85).isfinite()[0].tolist() == [True, True, False, False]
+    assert grpo.shape_logits(logits, top_p=0.5).isfinite()[0].tolist() == [True, False, False, False]
+    assert torch.allclose(grpo.shape_logits(logits, temperature=2.0), logits / 2)

