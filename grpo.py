@@ -58,7 +58,7 @@ def positions_from_mask(attention_mask):
 
 @torch.no_grad()
 def sample(model, prompts, group_size, max_new_tokens, eos_token_ids, pad_token_id, temperature=1.0,
-           top_k=0, top_p=1.0, stop_strings=(), tokenizer=None, seeds=None):
+           top_k=0, top_p=1.0, stop_strings=(), tokenizer=None, seeds=None, repetition_penalty=1.0):
     """Sample `group_size` completions for each prompt (a list of token-id lists).
 
     The prompts are prefilled once, as one left-padded batch, and each prompt's KV cache is then copied to
@@ -67,6 +67,8 @@ def sample(model, prompts, group_size, max_new_tokens, eos_token_ids, pad_token_
     temperature 0 is greedy decoding (log-probs then come from the temperature-1 distribution).
     A row stops at an EOS token or once its text contains a stop string (needs `tokenizer`); finished rows
     are dropped from the batch and the cache, so they cost nothing while the others go on.
+    repetition_penalty (evaluation only: the trainer's log-probs do not apply it) divides positive and
+    multiplies negative logits of every token already in the row, prompt included, as in Transformers.
     """
     device = model.get_input_embeddings().weight.device
     n_rows = len(prompts) * group_size
@@ -97,7 +99,13 @@ def sample(model, prompts, group_size, max_new_tokens, eos_token_ids, pad_token_
     lengths = torch.zeros(n_rows, dtype=torch.long, device=device)
     finished = torch.zeros(n_rows, dtype=torch.bool, device=device)
     alive = torch.arange(n_rows, device=device)  # rows still generating, in cache order
+    if repetition_penalty != 1.0:  # seen[r, v]: token v is already in row r
+        real = torch.where(attention_mask.bool(), prompt_ids.repeat_interleave(group_size, 0), prompt_ids[:1, -1:])
+        seen = torch.zeros((n_rows, logits.size(-1)), dtype=torch.bool, device=device).scatter_(1, real, True)
     for t in range(max_new_tokens):
+        if repetition_penalty != 1.0:
+            penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+            logits = torch.where(seen[alive], penalised, logits)
         shaped = shape_logits(logits, temperature or 1.0, top_k, top_p)
         if temperature == 0:
             token = shaped.argmax(-1)
@@ -108,6 +116,8 @@ def sample(model, prompts, group_size, max_new_tokens, eos_token_ids, pad_token_
             token = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
             token = token.clamp(max=cdf.size(-1) - 1)
         completion_ids[alive, t] = token
+        if repetition_penalty != 1.0:
+            seen[alive, token] = True
         logprobs[alive, t] = shaped.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
         lengths[alive] += 1
         done = torch.isin(token, eos)

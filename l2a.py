@@ -75,8 +75,20 @@ DEFAULTS = {
         "logprob_chunk": 2048,  # tokens per vocabulary-projection chunk
     },
     "judge": {
-        "backend": "rules",
-        "fusion": "multiplicative",
+        "backend": "rules",  # rules (offline, deterministic) | http (an LLM behind an OpenAI-compatible API)
+        "fusion": "multiplicative",  # multiplicative | sum | ra_only | rs_only
+        "base_url": "http://127.0.0.1:8000/v1",  # http: the server's API root; /chat/completions is appended
+        "model": "Qwen/Qwen2.5-32B-Instruct",  # http: the judge model's name on that server (the paper's judge)
+        "api_key_env": "",  # http: NAME of the environment variable holding the key ("": send none); never logged
+        "timeout": 120.0,  # http: seconds to wait for one response
+        "max_retries": 4,  # http: tries after the first before a reward counts as missing
+        "backoff": 1.0,  # http: seconds before the first retry, doubled each retry, with jitter
+        "concurrency": 16,  # http: judge requests in flight at once, per rank
+        "temperature": 0.0,  # http: the judge's sampling temperature; 0 grades the same response the same way
+        "max_tokens": 512,  # http: room for the judge's reasoning and its two score tags
+        "cache_file": "",  # http: SQLite file that keeps judgements across runs ("": in memory only)
+        "max_missing_fraction": 0.2,  # stop the run when more rewards than this share are missing...
+        "missing_window": 10,  # ...over this many recent steps
     },
 }
 
@@ -256,13 +268,11 @@ def my_share(items):
 
 
 def mean_scores(scores):
-    """Mean of every numeric field over the rows that have it (a missing reward has None)."""
-    out = {}
-    for key in scores[0] if scores else []:
-        values = [s[key] for s in scores if isinstance(s[key], (int, float)) and not isinstance(s[key], bool)]
-        if values or all(s[key] is None for s in scores):
-            out[key] = sum(values) / len(values) if values else None
-    return out
+    """Mean of each numeric field over the rows that have a number there (a missing reward is None)."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    keys = dict.fromkeys(k for s in scores for k, v in s.items() if number(v))
+    return {k: sum(s[k] for s in scores if number(s.get(k))) / sum(number(s.get(k)) for s in scores) for k in keys}
 
 
 def evaluate(model, tokenizer, samples, prompt_ids, cfg, reward_fn):
@@ -374,7 +384,7 @@ def train(cfg, resume=False, reward_fn=None):
     if start_step == 0:
         evaluation["before"] = evaluate(model, tokenizer, test_samples, test_ids, cfg, reward_fn)
         if rank == 0:
-            print(f"test reward before training: {evaluation['before']['reward']}", flush=True)
+            print(f"test reward before training: {evaluation['before'].get('reward')}", flush=True)
 
     per_rank = t["prompts_per_step"] // world
     bar = tqdm(range(start_step, t["steps"]), initial=start_step, total=t["steps"], disable=rank != 0,
@@ -389,7 +399,7 @@ def train(cfg, resume=False, reward_fn=None):
 
     evaluation["after"] = evaluate(model, tokenizer, test_samples, test_ids, cfg, reward_fn)
     if rank == 0:
-        print(f"test reward after training: {evaluation['after']['reward']}", flush=True)
+        print(f"test reward after training: {evaluation['after'].get('reward')}", flush=True)
         path = out_dir / "test_reward.json"
         previous = json.loads(path.read_text()) if path.exists() else {}
         path.write_text(json.dumps({**previous, **evaluation}, indent=2))

@@ -117,3 +117,12 @@ def test_top_k_and_top_p_keep_the_right_tokens():
     assert grpo.shape_logits(logits, top_p=0.85).isfinite()[0].tolist() == [True, True, False, False]
     assert grpo.shape_logits(logits, top_p=0.5).isfinite()[0].tolist() == [True, False, False, False]
     assert torch.allclose(grpo.shape_logits(logits, temperature=2.0), logits / 2)
+
+
+def test_repetition_penalty_matches_generate(model):
+    rollout = grpo.sample(model, PROMPTS, 1, 12, [2], 2, temperature=0, repetition_penalty=20.0)
+    generated = model.generate(input_ids=rollout.prompt_ids, attention_mask=rollout.prompt_mask, do_sample=False,
+                               max_new_tokens=12, eos_token_id=2, pad_token_id=2, repetition_penalty=20.0)
+    plain = grpo.sample(model, PROMPTS, 1, 12, [2], 2, temperature=0)
+    assert torch.equal(rollout.completion_ids, generated[:, rollout.prompt_ids.size(1):][:, :rollout.completion_ids.size(1)])
+    assert not torch.equal(rollout.completion_ids, plain.completion_ids), "the penalty must change something here"
