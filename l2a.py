@@ -57,7 +57,6 @@ DEFAULTS = {
         "seed": 0,
         "output_dir": "runs/demo",
         "save_every": 0,  # steps between checkpoints; the last step is always saved
-        "eval_prompts": 0,  # test prompts scored before and after training (0: all of them)
     },
     "grpo": {
         "group_size": 4,
@@ -73,6 +72,15 @@ DEFAULTS = {
         "scale_by_std": True,  # False: Dr. GRPO advantages
         "aggregation": "token",  # token | sequence | constant
         "logprob_chunk": 2048,  # tokens per vocabulary-projection chunk
+    },
+    "eval": {  # the Learn-to-Ask evaluation protocol: k rollouts per test prompt, graded by the judge
+        "every": 0,  # steps between evaluations while training (0: only before and after)
+        "prompts": 0,  # test prompts evaluated (0: all of them)
+        "samples": 3,  # k rollouts per prompt; the spread over them tells signal from noise
+        "temperature": 1.0,
+        "top_p": 0.95,
+        "repetition_penalty": 1.2,
+        "max_new_tokens": 512,
     },
     "judge": {
         "backend": "rules",  # rules (offline, deterministic) | http (an LLM behind an OpenAI-compatible API)
@@ -236,13 +244,13 @@ def encode_prompts(samples, tokenizer, max_tokens):
 
 # ----------------------------------------------------------------------------- rollouts
 
-def rollout(model, tokenizer, prompt_ids, cfg, seeds, group_size):
-    g = cfg["grpo"]
+def rollout(model, tokenizer, prompt_ids, sampling, seeds, group_size):
+    """Sample and decode; `sampling` is cfg["grpo"] for training or eval_sampling(cfg) for evaluation."""
     with gathered(model):
         model.eval()
-        result = grpo.sample(model, prompt_ids, group_size, g["max_new_tokens"], eos_token_ids=eos_ids(tokenizer),
-                             pad_token_id=tokenizer.pad_token_id, temperature=g["temperature"], top_k=g["top_k"],
-                             top_p=g["top_p"], stop_strings=g["stop_strings"], tokenizer=tokenizer, seeds=seeds)
+        result = grpo.sample(model, prompt_ids, group_size, sampling["max_new_tokens"], eos_ids(tokenizer),
+                             tokenizer.pad_token_id, sampling["temperature"], sampling["top_k"], sampling["top_p"],
+                             sampling["stop_strings"], tokenizer, seeds, sampling.get("repetition_penalty", 1.0))
         model.train()
     responses = [tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
                  for ids, mask in zip(result.completion_ids, result.completion_mask)]
@@ -275,18 +283,66 @@ def mean_scores(scores):
     return {k: sum(s[k] for s in scores if number(s.get(k))) / sum(number(s.get(k)) for s in scores) for k in keys}
 
 
-def evaluate(model, tokenizer, samples, prompt_ids, cfg, reward_fn):
-    """Mean reward and its components on the test prompts, one completion each, same seeds every time."""
+def eval_sampling(cfg):
+    e = cfg["eval"]
+    return {**cfg["grpo"], **{k: e[k] for k in ("temperature", "top_p", "repetition_penalty", "max_new_tokens")}}
+
+
+def numeric_fields(sample, score):
+    """Evaluation metrics of a custom reward: its numeric fields, averaged."""
+    return {k: v for k, v in score.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def evaluate(model, tokenizer, samples, prompt_ids, cfg, reward_fn, rollout_metrics):
+    """k rollouts per test prompt with the evaluation sampling settings, graded; each rank takes a share.
+    Returns (summary, rows); the seeds are the same every time, so evaluations compare like with like."""
+    k = cfg["eval"]["samples"]
     first, mine = my_share(list(range(len(samples))))
+    rows = []
     if mine:
-        _, responses = rollout(model, tokenizer, [prompt_ids[i] for i in mine], cfg,
-                               row_seeds(cfg["train"]["seed"], -1, first, len(mine), 1), 1)
-        scores = reward_fn([samples[i] for i in mine], responses)
-    else:
-        scores = []
-    scores = gather_rows(scores)
-    return {"prompts": len(scores), **mean_scores(scores),
-            "missing": sum(s["reward"] is None for s in scores)}
+        _, responses = rollout(model, tokenizer, [prompt_ids[i] for i in mine], eval_sampling(cfg),
+                               row_seeds(cfg["train"]["seed"], -1, first, len(mine), k), k)
+        row_samples = [samples[i] for i in mine for _ in range(k)]
+        scores = reward_fn(row_samples, responses)
+        rows = [{"cid": s["cid"], "rollout": j % k, "response": r, **score, "metrics": rollout_metrics(s, score)}
+                for j, (s, r, score) in enumerate(zip(row_samples, responses, scores))]
+    rows = gather_rows(rows)
+    return summarize(rows, k), rows
+
+
+def summarize(rows, k):
+    """Each metric's mean over the rollouts where it applies (not None), their count, and its spread: the
+    standard deviation of the k means taken over the j-th rollout of every prompt, j = 0 .. k-1.
+    A metric that applies to no rollout has mean None and count 0."""
+    summary = {}
+    for name in dict.fromkeys(n for r in rows for n in r["metrics"]):
+        by_rollout = [[r["metrics"][name] for r in rows if r["rollout"] == j and r["metrics"].get(name) is not None]
+                      for j in range(k)]
+        values = [v for vs in by_rollout for v in vs]
+        means = torch.tensor([sum(vs) / len(vs) for vs in by_rollout if vs], dtype=torch.float64)
+        summary[name] = {"mean": sum(values) / len(values) if values else None,
+                         "spread": means.std().item() if len(means) > 1 else 0.0, "count": len(values)}
+    return summary
+
+
+def write_evaluation(folder, summary, rows):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.json").write_text(json.dumps(summary, indent=2))
+    with open(folder / "rollouts.jsonl", "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def comparison_table(summaries):
+    """Markdown: one row per metric, one column per model, each cell mean ± spread over the k rollouts."""
+    names = list(dict.fromkeys(n for summary in summaries.values() for n in summary))
+    lines = ["| metric | " + " | ".join(summaries) + " |", "|---" * (len(summaries) + 1) + "|"]
+    for name in names:
+        cells = []
+        for summary in summaries.values():
+            m = summary.get(name, {"mean": None, "count": 0})
+            cells.append("– (n=0)" if m["mean"] is None else f"{m['mean']:.3f} ± {m['spread']:.3f} (n={m['count']})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -327,26 +383,43 @@ def keep_lines_up_to(path, step):
 
 # ----------------------------------------------------------------------------- training
 
-def train(cfg, resume=False, reward_fn=None):
-    """Run GRPO as configured; returns the output folder. reward_fn(samples, responses) -> list of dicts
-    with a "reward" (float, or None when missing) defaults to the Learn-to-Ask judge of cfg["judge"]."""
+def setup_distributed():
+    """torchrun's process group, or a one-process group for plain python, so the FSDP path is the same."""
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if "RANK" in os.environ:  # torchrun
+        if "RANK" in os.environ:
             dist.init_process_group(backend)
-        else:  # plain python: a one-process group, so the FSDP code path is the same
+        else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    torch.cuda.set_device(device)
+    return device
+
+
+def load_split(cfg, key, tokenizer, limit=0):
+    samples, ids, dropped = encode_prompts(preprocess.load_samples(cfg["data"][key]), tokenizer,
+                                           cfg["data"]["max_prompt_tokens"])
+    if dropped and dist.get_rank() == 0:
+        print(f"{cfg['data'][key]}: {dropped} prompts over data.max_prompt_tokens left out", flush=True)
+    return (samples[:limit], ids[:limit]) if limit else (samples, ids)
+
+
+def train(cfg, resume=False, reward_fn=None, rollout_metrics=None):
+    """Run GRPO as configured; returns the output folder. reward_fn(samples, responses) -> one dict per
+    response with a "reward" (float, or None when missing); by default the Learn-to-Ask judge of
+    cfg["judge"], evaluated with its metrics, else with the mean of each numeric field."""
+    device = setup_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cpu")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
     t, g = cfg["train"], cfg["grpo"]
     if t["prompts_per_step"] % world:
         raise ValueError(f"train.prompts_per_step={t['prompts_per_step']} must divide by the {world} ranks")
+    if reward_fn is None:
+        reward_fn, rollout_metrics = judge.make_reward_fn(cfg["judge"]), judge.rollout_metrics
+    rollout_metrics = rollout_metrics or numeric_fields
     torch.manual_seed(t["seed"])
     out_dir = Path(t["output_dir"])
-    reward_fn = reward_fn or judge.make_reward_fn(cfg["judge"])
 
     start_step, model_path = 0, resolve_model_path(cfg["model"]["path"])
     checkpoint = latest_checkpoint(out_dir) if resume else None
@@ -363,47 +436,91 @@ def train(cfg, resume=False, reward_fn=None):
         state = get_optimizer_state_dict(model, optimizer)
         dcp.load(state, checkpoint_id=checkpoint / "optimizer")
         set_optimizer_state_dict(model, optimizer, state)
-
-    max_prompt = cfg["data"]["max_prompt_tokens"]
-    train_samples, train_ids, dropped = encode_prompts(preprocess.load_samples(cfg["data"]["train_file"]),
-                                                       tokenizer, max_prompt)
-    test_samples, test_ids, test_dropped = encode_prompts(preprocess.load_samples(cfg["data"]["test_file"]),
-                                                          tokenizer, max_prompt)
-    if t["eval_prompts"]:
-        test_samples, test_ids = test_samples[:t["eval_prompts"]], test_ids[:t["eval_prompts"]]
+    train_samples, train_ids = load_split(cfg, "train_file", tokenizer)
+    test_samples, test_ids = load_split(cfg, "test_file", tokenizer, cfg["eval"]["prompts"])
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
         keep_lines_up_to(out_dir / "metrics.jsonl", start_step)
         keep_lines_up_to(out_dir / "samples.jsonl", start_step)
-        print(f"{world} rank(s) on {device}, model {model_path}, {len(train_samples)} train prompts "
-              f"({dropped} over {max_prompt} tokens left out), {len(test_samples)} test prompts "
-              f"({test_dropped} left out)", flush=True)
+        print(f"{world} rank(s) on {device}, model {model_path}, {len(train_samples)} train and "
+              f"{len(test_samples)} test prompts", flush=True)
 
-    evaluation = {}
-    if start_step == 0:
-        evaluation["before"] = evaluate(model, tokenizer, test_samples, test_ids, cfg, reward_fn)
+    def evaluate_at(step):
+        """Evaluate, keep the rollouts under eval/step_N/, and return the summary as eval_* metrics."""
+        summary, rows = evaluate(model, tokenizer, test_samples, test_ids, cfg, reward_fn, rollout_metrics)
         if rank == 0:
-            print(f"test reward before training: {evaluation['before'].get('reward')}", flush=True)
+            write_evaluation(out_dir / "eval" / f"step_{step}", summary, rows)
+        return {f"eval_{name}": m["mean"] for name, m in summary.items()}
 
+    if start_step == 0:
+        before = {"step": 0, **evaluate_at(0)}
+        if rank == 0:
+            log(out_dir, before)
     per_rank = t["prompts_per_step"] // world
     bar = tqdm(range(start_step, t["steps"]), initial=start_step, total=t["steps"], disable=rank != 0,
                desc="train")
     for step in bar:
         metrics = train_step(model, reference, optimizer, tokenizer, train_samples, train_ids, cfg, reward_fn,
                              step, per_rank, device, out_dir)
+        done = step + 1
+        if done == t["steps"] or (cfg["eval"]["every"] and done % cfg["eval"]["every"] == 0):
+            metrics.update(evaluate_at(done))
         if rank == 0:
+            log(out_dir, metrics)
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['approx_kl']:.2e}")
-        if step + 1 == t["steps"] or (t["save_every"] and (step + 1) % t["save_every"] == 0):
-            save_checkpoint(model, optimizer, tokenizer, step + 1, out_dir)
+        if done == t["steps"] or (t["save_every"] and done % t["save_every"] == 0):
+            save_checkpoint(model, optimizer, tokenizer, done, out_dir)
 
-    evaluation["after"] = evaluate(model, tokenizer, test_samples, test_ids, cfg, reward_fn)
     if rank == 0:
-        print(f"test reward after training: {evaluation['after'].get('reward')}", flush=True)
-        path = out_dir / "test_reward.json"
-        previous = json.loads(path.read_text()) if path.exists() else {}
-        path.write_text(json.dumps({**previous, **evaluation}, indent=2))
+        summaries = {f"step_{s}": json.loads((out_dir / "eval" / f"step_{s}" / "metrics.json").read_text())
+                     for s in (0, t["steps"]) if (out_dir / "eval" / f"step_{s}" / "metrics.json").exists()}
+        table = comparison_table(summaries)
+        (out_dir / "eval" / "comparison.md").write_text(table)
+        print("test split, before and after training:\n" + table, flush=True)
+        plot_curves(out_dir)
     return out_dir
+
+
+CURVES = [  # (panel title, metrics.jsonl keys drawn in it)
+    ("reward", ["reward_mean", "eval_total_reward"]),
+    ("reward components", ["reward_action", "reward_content", "reward_format"]),
+    ("decision accuracy", ["reward_action", "eval_total_decision_accuracy", "eval_stop_decision_accuracy",
+                           "eval_continue_decision_accuracy"]),
+    ("KL", ["approx_kl", "ref_kl"]),
+    ("clip fraction", ["clip_fraction"]),
+    ("completion length", ["completion_length_mean"]),
+    ("step time (s)", ["step_time"]),
+]
+
+
+def plot_curves(run_dir):
+    """Draw run_dir/metrics.jsonl into run_dir/curves.png, one panel per CURVES entry; returns the path."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    fig, axes = plt.subplots(2, 4, figsize=(18, 7.5))
+    for ax, (title, keys) in zip(axes.flat, CURVES):
+        for key in keys:
+            points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, ms=3, label=key)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if ax.lines:
+            ax.legend(fontsize=7)
+    axes.flat[-1].axis("off")
+    fig.tight_layout()
+    path = Path(run_dir) / "curves.png"
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def log(out_dir, metrics):
+    with open(out_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(metrics) + "\n")
 
 
 def train_step(model, reference, optimizer, tokenizer, samples, prompt_ids, cfg, reward_fn, step, per_rank,
@@ -415,7 +532,7 @@ def train_step(model, reference, optimizer, tokenizer, samples, prompt_ids, cfg,
     # 1. Rollouts: this rank's share of the step's prompts, G completions each.
     indices = step_indices(len(samples), step, t["prompts_per_step"], t["seed"])[rank * per_rank:][:per_rank]
     seeds = row_seeds(t["seed"], step, rank * per_rank, per_rank, G)
-    result, responses = rollout(model, tokenizer, [prompt_ids[i] for i in indices], cfg, seeds, G)
+    result, responses = rollout(model, tokenizer, [prompt_ids[i] for i in indices], g, seeds, G)
     sampling_time = time.perf_counter() - started
 
     # 2. Rewards and advantages. A missing reward (judge failure) is NaN: out of the statistics and the loss.
@@ -469,7 +586,7 @@ def train_step(model, reference, optimizer, tokenizer, samples, prompt_ids, cfg,
     rows, parts = gather_rows(rows), gather_rows([totals])
     totals = {k: sum(p.get(k, 0.0) for p in parts) for k in parts[0]}
     if rank != 0:
-        return None
+        return {}
     tokens = max(totals["tokens"], 1.0)
     valid = [r["reward"] for r in rows if r["reward"] is not None]
     groups = [rows[i:i + G] for i in range(0, len(rows), G)]
@@ -498,8 +615,6 @@ def train_step(model, reference, optimizer, tokenizer, samples, prompt_ids, cfg,
         "peak_memory_mib": (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20,
     }
-    with open(out_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(metrics) + "\n")
     with open(out_dir / "samples.jsonl", "a") as f:
         for i, grp in enumerate(groups):
             f.write(json.dumps({"step": step + 1, "cid": grp[0]["cid"], "prompt": grp[0]["prompt"],
@@ -513,19 +628,53 @@ def add(totals, **values):
         totals[k] = totals.get(k, 0.0) + v
 
 
+def evaluate_models(cfg, checkpoints):
+    """--eval: each model (a checkpoint folder, or "base" for model.path) on the test split with the
+    evaluation protocol; per-model metrics and rollouts under output_dir/eval/<name>/, and one table."""
+    device = setup_distributed()
+    reward_fn = judge.make_reward_fn(cfg["judge"])
+    out_dir = Path(cfg["train"]["output_dir"]) / "eval"
+    summaries = {}
+    for given in checkpoints or ["base"]:
+        path = resolve_model_path(cfg["model"]["path"]) if given == "base" else given
+        name = Path(given).name if Path(given).name not in summaries else given.strip("/").replace("/", "_")
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = load_model(path, cfg, device, trainable=False)
+        samples, ids = load_split(cfg, "test_file", tokenizer, cfg["eval"]["prompts"])
+        summaries[name], rows = evaluate(model, tokenizer, samples, ids, cfg, reward_fn, judge.rollout_metrics)
+        if dist.get_rank() == 0:
+            write_evaluation(out_dir / name, summaries[name], rows)
+        del model
+    if dist.get_rank() == 0:
+        table = comparison_table(summaries)
+        (out_dir / "comparison.md").write_text(table)
+        (out_dir / "comparison.json").write_text(json.dumps(summaries, indent=2))
+        print(table, flush=True)
+    return summaries
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="TOML file; see DEFAULTS in l2a.py for every key")
+    parser.add_argument("--config", help="TOML file; see DEFAULTS in l2a.py for every key")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value (repeatable); the value is read as TOML")
     parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    parser.add_argument("--eval", action="store_true", help="evaluate instead of training")
+    parser.add_argument("--checkpoint", action="append", default=[], metavar="DIR",
+                        help="with --eval: a model folder to evaluate (repeatable; 'base' = model.path)")
+    parser.add_argument("--plot", metavar="RUN_DIR", help="draw RUN_DIR/metrics.jsonl into RUN_DIR/curves.png")
     args = parser.parse_args(argv)
+    if args.plot:
+        print(plot_curves(args.plot))
+        return
+    if not args.config:
+        parser.error("--config is required")
     try:
         cfg = load_config(args.config, args.set)
     except (ValueError, OSError, tomllib.TOMLDecodeError) as e:
         sys.exit(f"config error: {e}")
     try:
-        train(cfg, resume=args.resume)
+        evaluate_models(cfg, args.checkpoint) if args.eval else train(cfg, resume=args.resume)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -39,8 +39,9 @@ def write_config(path, model_dir, out_dir, **sections):
     cfg = {"model": {"path": str(model_dir)},
            "data": {"train_file": str(ROOT / "data/demo/train.jsonl"), "test_file": str(ROOT / "data/demo/test.jsonl")},
            "train": {"steps": 2, "prompts_per_step": 4, "micro_batch_size": 6, "lr": 3e-3, "seed": 1,
-                     "output_dir": str(out_dir), "eval_prompts": 4},
-           "grpo": {"group_size": 4, "max_new_tokens": 12}}
+                     "output_dir": str(out_dir)},
+           "grpo": {"group_size": 4, "max_new_tokens": 12},
+           "eval": {"prompts": 4, "samples": 2, "max_new_tokens": 12}}
     for section, values in sections.items():
         cfg[section].update(values)
     path.write_text("\n".join(f"[{s}]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in vals.items())
@@ -57,7 +58,10 @@ def run(config, nproc=1, *args):
 
 
 def metrics(out_dir):
-    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    """The training steps' lines of metrics.jsonl (step 0 holds only the evaluation before training)."""
+    lines = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["step"] == 0 and "eval_reward" in lines[0]
+    return lines[1:]
 
 
 def weights(checkpoint):
@@ -99,13 +103,16 @@ def test_step_prompts_are_a_function_of_the_step():
 def test_mean_reward_rises_on_a_learnable_toy_reward(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     config = write_config(tmp_path / "c.toml", tiny_model_dir, out,
-                          train={"steps": 16, "prompts_per_step": 4, "lr": 0.1, "eval_prompts": 8},
-                          grpo={"group_size": 8, "max_new_tokens": 8, "kl_coef": 0.001})
+                          train={"steps": 16, "prompts_per_step": 4, "lr": 0.1},
+                          grpo={"group_size": 8, "max_new_tokens": 8, "kl_coef": 0.001},
+                          eval={"every": 8, "prompts": 8, "samples": 2, "max_new_tokens": 8})
     run(config)
     rewards = [m["reward_mean"] for m in metrics(out)]
     assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.1, rewards
-    reward = json.loads((out / "test_reward.json").read_text())
-    assert reward["after"]["reward"] > reward["before"]["reward"]
+    evals = {s: json.loads((out / f"eval/step_{s}/metrics.json").read_text())["reward"] for s in (0, 8, 16)}
+    assert evals[16]["mean"] > evals[0]["mean"] and evals[16]["count"] == 8 * 2
+    assert [m["step"] for m in metrics(out) if "eval_reward" in m] == [8, 16]
+    assert (out / "curves.png").stat().st_size > 0 and "step_16" in (out / "eval/comparison.md").read_text()
     m = metrics(out)[-1]
     for key in ["reward_std", "reward_length_chars", "loss", "clip_fraction", "approx_kl", "ref_kl", "entropy",
                 "completion_length_mean", "zero_std_group_fraction", "sampled_tokens_per_second", "step_time",

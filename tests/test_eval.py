@@ -1,0 +1,85 @@
+"""The evaluation metrics of the paper on hand-built rollouts, their spread, the comparison table, the curves."""
+
+import json
+
+import pytest
+
+import judge
+import l2a
+
+CONTINUE = {"cid": "c", "decision_truth": "continue", "info_truth": ["symptom location: throat"]}
+STOP = {"cid": "s", "decision_truth": "stop", "info_truth": []}
+
+
+def graded(sample, response):
+    return judge.make_reward_fn({"backend": "rules", "fusion": "multiplicative"})([sample], [response])[0]
+
+
+def rows_of(rollouts, k):
+    """rollouts: (sample, response) in prompt-major order, k per prompt."""
+    return [{"rollout": j % k, "metrics": judge.rollout_metrics(s, graded(s, r))} for j, (s, r) in enumerate(rollouts)]
+
+
+def test_paper_metrics_by_hand():
+    rollouts = [
+        (CONTINUE, "Where is the pain: throat, chest or ear?"),  # right decision, direct question, one question
+        (CONTINUE, "Anything else? Since when?"),  # right decision, generic, two questions
+        (CONTINUE, "<stop />"),  # wrong decision: everything 0
+        (STOP, "<stop />"),  # right, exact
+        (STOP, "I recommend lozenges. <stop />"),  # right, not exact
+        (STOP, "Does it hurt?"),  # wrong
+    ]
+    summary = l2a.summarize(rows_of(rollouts, 3), k=3)
+    mean = {name: m["mean"] for name, m in summary.items()}
+    count = {name: m["count"] for name, m in summary.items()}
+    rewards = [1 * (1 + 2 * 1.0) + 1.0, 1 * (1 + 2 * 0.1) + 0.5, 0.0, 4.0, 3.0, 0.0]
+    assert mean["total_reward"] == pytest.approx(sum(rewards) / 6) and count["total_reward"] == 6
+    assert mean["avg_continue_content"] == pytest.approx((1.0 + 0.1 + 0.0) / 3) and count["avg_continue_content"] == 3
+    assert mean["continue_content_win_rate"] == pytest.approx(1 / 3)
+    assert mean["continue_decision_accuracy"] == pytest.approx(2 / 3)
+    assert mean["stop_decision_accuracy"] == pytest.approx(2 / 3) and count["stop_decision_accuracy"] == 3
+    assert mean["total_decision_accuracy"] == pytest.approx(4 / 6)
+    assert mean["format_quality"] == pytest.approx((1.0 + 0.5 + 0 + 1.0 + 0 + 0) / 6)
+    assert mean["judge_failure"] == 0.0
+
+
+def test_empty_class_and_missing_grades():
+    class Failing:
+        def grade(self, sample, response):
+            return None
+
+    rows = [{"rollout": 0, "metrics": judge.rollout_metrics(CONTINUE, judge.score(CONTINUE, "Where?", Failing(),
+                                                                                    "multiplicative"))},
+            {"rollout": 0, "metrics": judge.rollout_metrics(CONTINUE, graded(CONTINUE, "Where does it hurt?"))}]
+    summary = l2a.summarize(rows, k=1)
+    assert summary["stop_decision_accuracy"] == {"mean": None, "spread": 0.0, "count": 0}
+    assert summary["judge_failure"]["mean"] == 0.5 and summary["judge_failure"]["count"] == 2
+    assert summary["total_reward"]["count"] == 1, "a missing grade is left out, never counted as 0"
+    assert "– (n=0)" in l2a.comparison_table({"base": summary})
+
+
+def test_spread_is_the_std_over_rollout_indices():
+    # two prompts, k = 2; rollout 0 is right on both, rollout 1 wrong on both: per-index accuracies 1.0 and 0.0
+    rollouts = [(STOP, "<stop />"), (STOP, "Why?"), (STOP, "<stop />"), (STOP, "How?")]
+    m = l2a.summarize(rows_of(rollouts, 2), k=2)["total_decision_accuracy"]
+    assert m["mean"] == 0.5 and m["spread"] == pytest.approx(2 ** 0.5 / 2)  # sample std of (1, 0)
+
+
+def test_comparison_table_has_a_column_per_model():
+    a = {"total_reward": {"mean": 1.2814, "spread": 0.05, "count": 180}}
+    b = {"total_reward": {"mean": 3.0781, "spread": 0.02, "count": 180}, "judge_failure": {"mean": 0.0, "spread": 0.0,
+                                                                                            "count": 180}}
+    lines = l2a.comparison_table({"base": a, "step_10": b}).splitlines()
+    assert lines[0] == "| metric | base | step_10 |" and lines[1] == "|---|---|---|"
+    assert lines[2] == "| total_reward | 1.281 ± 0.050 (n=180) | 3.078 ± 0.020 (n=180) |"
+    assert lines[3] == "| judge_failure | – (n=0) | 0.000 ± 0.000 (n=180) |"
+
+
+def test_curves_are_drawn_from_a_metrics_file(tmp_path):
+    lines = [{"step": 0, "eval_total_reward": 1.0}] + [
+        {"step": s, "reward_mean": 1 + s / 10, "reward_action": 0.5, "approx_kl": 1e-3 * s, "clip_fraction": 0.01,
+         "completion_length_mean": 30 - s, "step_time": 2.0} for s in range(1, 6)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    l2a.main(["--plot", str(tmp_path)])
+    png = (tmp_path / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
