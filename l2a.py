@@ -18,6 +18,7 @@ import shutil
 import sys
 import time
 import tomllib
+from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -304,6 +305,8 @@ def evaluate(model, tokenizer, samples, prompt_ids, cfg, reward_fn, rollout_metr
                                row_seeds(cfg["train"]["seed"], -1, first, len(mine), k), k)
         row_samples = [samples[i] for i in mine for _ in range(k)]
         scores = reward_fn(row_samples, responses)
+        if hasattr(reward_fn, "drain_stats"):
+            reward_fn.drain_stats()  # keep the training steps' judge counters their own
         rows = [{"cid": s["cid"], "rollout": j % k, "response": r, **score, "metrics": rollout_metrics(s, score)}
                 for j, (s, r, score) in enumerate(zip(row_samples, responses, scores))]
     rows = gather_rows(rows)
@@ -458,6 +461,7 @@ def train(cfg, resume=False, reward_fn=None, rollout_metrics=None):
         if rank == 0:
             log(out_dir, before)
     per_rank = t["prompts_per_step"] // world
+    recent = deque(maxlen=cfg["judge"]["missing_window"])  # (missing rewards, rollouts) of recent steps
     bar = tqdm(range(start_step, t["steps"]), initial=start_step, total=t["steps"], disable=rank != 0,
                desc="train")
     for step in bar:
@@ -469,6 +473,14 @@ def train(cfg, resume=False, reward_fn=None, rollout_metrics=None):
         if rank == 0:
             log(out_dir, metrics)
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['approx_kl']:.2e}")
+        recent.append((metrics["reward_missing"], metrics["rollouts"]))
+        missing = sum(m for m, _ in recent) / sum(n for _, n in recent)
+        if missing > cfg["judge"]["max_missing_fraction"]:
+            path = save_checkpoint(model, optimizer, tokenizer, done, out_dir)
+            raise MissingRewards(f"the judge gave no reward for {missing:.0%} of the rollouts of the last "
+                                 f"{len(recent)} step(s), over judge.max_missing_fraction = "
+                                 f"{cfg['judge']['max_missing_fraction']}. Saved {path}; fix the judge, then "
+                                 f"continue with --resume.")
         if done == t["steps"] or (t["save_every"] and done % t["save_every"] == 0):
             save_checkpoint(model, optimizer, tokenizer, done, out_dir)
 
@@ -518,6 +530,10 @@ def plot_curves(run_dir):
     return path
 
 
+class MissingRewards(RuntimeError):
+    """Too many judge failures: training on what is left would follow a biased, thin signal."""
+
+
 def log(out_dir, metrics):
     with open(out_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(metrics) + "\n")
@@ -538,6 +554,7 @@ def train_step(model, reference, optimizer, tokenizer, samples, prompt_ids, cfg,
     # 2. Rewards and advantages. A missing reward (judge failure) is NaN: out of the statistics and the loss.
     row_samples = [samples[i] for i in indices for _ in range(G)]
     scores = reward_fn(row_samples, responses)
+    judge_stats = reward_fn.drain_stats() if hasattr(reward_fn, "drain_stats") else {}
     rewards = torch.tensor([math.nan if s["reward"] is None else s["reward"] for s in scores])
     advantages = grpo.group_advantages(rewards, G, g["scale_by_std"]).to(device)
     mask = result.completion_mask * grpo.trained_rows(rewards, G).to(device)[:, None]
@@ -548,8 +565,10 @@ def train_step(model, reference, optimizer, tokenizer, samples, prompt_ids, cfg,
     normalizer = grpo.loss_normalizer(mask, g["aggregation"], g["max_new_tokens"])
     dist.all_reduce(normalizer)
     batches = [slice(i, i + t["micro_batch_size"]) for i in range(0, len(ids), t["micro_batch_size"])]
-    old_logprobs, totals = {}, {}
-    for update in range(g["inner_updates"]):
+    old_logprobs, totals, grad_norm = {}, {}, None
+    # No trained token on any rank (every reward missing, or no group with two valid ones): no update, since
+    # a step on a 0/0 loss would write NaN into the weights.
+    for update in range(g["inner_updates"] if normalizer > 0 else 0):
         optimizer.zero_grad(set_to_none=True)
         for b in batches:
             # trim the micro-batch to its own longest prompt (left padding) and completion (right padding)
@@ -583,11 +602,11 @@ def train_step(model, reference, optimizer, tokenizer, samples, prompt_ids, cfg,
              "length": n.item(), "finished": f.item(), **score}
             for s, p, r, a, n, f, score in zip(row_samples, [prompt_ids[i] for i in indices for _ in range(G)],
                                                responses, advantages, lengths, result.finished, scores)]
-    rows, parts = gather_rows(rows), gather_rows([totals])
-    totals = {k: sum(p.get(k, 0.0) for p in parts) for k in parts[0]}
-    if rank != 0:
-        return {}
-    tokens = max(totals["tokens"], 1.0)
+    rows, parts, judge_parts = gather_rows(rows), gather_rows([totals]), gather_rows([judge_stats])
+    totals = {k: sum(p.get(k, 0.0) for p in parts) for k in dict.fromkeys(k for p in parts for k in p)}
+    judge_stats = {k: (max if k.startswith("latency") else sum)(p[k] for p in judge_parts if k in p)
+                   for k in dict.fromkeys(k for p in judge_parts for k in p)}  # latency: the slowest rank's
+    tokens = max(totals.get("tokens", 0.0), 1.0)
     valid = [r["reward"] for r in rows if r["reward"] is not None]
     groups = [rows[i:i + G] for i in range(0, len(rows), G)]
     elapsed = time.perf_counter() - started
@@ -597,16 +616,20 @@ def train_step(model, reference, optimizer, tokenizer, samples, prompt_ids, cfg,
         "reward_std": torch.tensor(valid).std().item() if len(valid) > 1 else 0.0,
         **{f"reward_{k}": v for k, v in mean_scores(rows).items() if k not in ("reward", "advantage", "length")},
         "reward_missing": len(rows) - len(valid),
+        "rollouts": len(rows),
+        **{f"judge_{k}": v for k, v in judge_stats.items()},
         "advantage_mean": sum(r["advantage"] for r in rows) / len(rows),
         "advantage_abs_mean": sum(abs(r["advantage"]) for r in rows) / len(rows),
         "zero_std_group_fraction": sum(len({r["reward"] for r in grp}) == 1 for grp in groups) / len(groups),
-        "loss": totals["loss"] / g["inner_updates"],
-        "clip_fraction": totals["clipped"] / tokens,
-        "approx_kl": totals["approx_kl"] / tokens,
+        "updated": grad_norm is not None,
+        "loss": totals.get("loss", 0.0) / g["inner_updates"],
+        "clip_fraction": totals.get("clipped", 0.0) / tokens,
+        "approx_kl": totals.get("approx_kl", 0.0) / tokens,
         **({"ref_kl": totals["ref_kl"] / tokens} if "ref_kl" in totals else {}),
-        "entropy": totals["entropy"] / tokens * g["inner_updates"],
-        "sampler_trainer_logprob_gap": totals["sampler_gap"] / tokens * g["inner_updates"],
-        "grad_norm": grad_norm.full_tensor().item() if hasattr(grad_norm, "full_tensor") else grad_norm.item(),
+        "entropy": totals.get("entropy", 0.0) / tokens * g["inner_updates"],
+        "sampler_trainer_logprob_gap": totals.get("sampler_gap", 0.0) / tokens * g["inner_updates"],
+        "grad_norm": None if grad_norm is None else
+        grad_norm.full_tensor().item() if hasattr(grad_norm, "full_tensor") else grad_norm.item(),
         "completion_length_mean": sum(r["length"] for r in rows) / len(rows),
         "completion_length_max": max(r["length"] for r in rows),
         "truncated_fraction": sum(not r["finished"] for r in rows) / len(rows),
@@ -615,8 +638,10 @@ def train_step(model, reference, optimizer, tokenizer, samples, prompt_ids, cfg,
         "peak_memory_mib": (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20,
     }
+    if rank != 0:
+        return metrics
     with open(out_dir / "samples.jsonl", "a") as f:
-        for i, grp in enumerate(groups):
+        for grp in groups:
             f.write(json.dumps({"step": step + 1, "cid": grp[0]["cid"], "prompt": grp[0]["prompt"],
                                 "completions": [{k: v for k, v in r.items() if k not in ("cid", "prompt")}
                                                 for r in grp]}) + "\n")
@@ -675,6 +700,8 @@ def main(argv=None):
         sys.exit(f"config error: {e}")
     try:
         evaluate_models(cfg, args.checkpoint) if args.eval else train(cfg, resume=args.resume)
+    except MissingRewards as e:
+        sys.exit(f"stopped: {e}")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

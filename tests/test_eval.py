@@ -6,6 +6,7 @@ import pytest
 
 import judge
 import l2a
+from conftest import ROOT
 
 CONTINUE = {"cid": "c", "decision_truth": "continue", "info_truth": ["symptom location: throat"]}
 STOP = {"cid": "s", "decision_truth": "stop", "info_truth": []}
@@ -83,3 +84,46 @@ def test_curves_are_drawn_from_a_metrics_file(tmp_path):
     l2a.main(["--plot", str(tmp_path)])
     png = (tmp_path / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+# ----------------------------------------------------------------------------- judge noise
+
+class ScriptedJudge:
+    """Grades each response from its own list of (format, content), one per call; None = a failed call."""
+
+    def __init__(self, script):
+        self.script = {r: list(grades) for r, grades in script.items()}
+
+    def grade(self, sample, response):
+        grade = self.script[response].pop(0)
+        return None if grade is None else {"format": grade[0], "content": grade[1], "reasoning": "scripted"}
+
+
+def test_calibration_statistics_on_a_scripted_judge():
+    script = {"Where? A or B": [(1.0, 1.0)] * 3,
+              "When? A or B": [(1.0, 1.0), (0.5, 0.1), (1.0, 1.0)],
+              "Why? A or B": [(1.0, 0.1), None, None]}  # one success: no agreement to measure
+    samples = [CONTINUE] * 3 + [STOP]
+    responses = list(script) + ["<stop />"]  # the stop is decided by rule and never sent
+    human = {("c", "Where? A or B"): {"format": 1.0, "content": 0.1}, ("c", "When? A or B"): {"format": 1.0, "content": 1.0}}
+    report = judge.calibrate(ScriptedJudge(script), samples, responses, repeats=3, human=human)
+    std = lambda xs: (sum((x - sum(xs) / 3) ** 2 for x in xs) / 3) ** 0.5  # noqa: E731
+    assert report["graded_responses"] == 3 and report["failures"] == 2
+    assert report["agreement"] == 0.5
+    assert report["format_std"] == pytest.approx(std([1.0, 0.5, 1.0]) / 2)
+    assert report["content_std"] == pytest.approx(std([1.0, 0.1, 1.0]) / 2)
+    assert report["human_compared"] == 2 and report["human_format_accuracy"] == 1.0
+    assert report["human_content_accuracy"] == 0.5
+
+
+def test_calibration_command_with_the_rules_judge_agrees_exactly(tmp_path):
+    import preprocess
+    samples = [s for s in preprocess.load_samples(ROOT / "data/demo/test.jsonl")
+               if s["decision_truth"] == "continue"][:5]
+    answers = ["Where does it hurt: throat or chest?", "Is it bad? Very bad?", "Anything else to add?"]
+    rollouts = tmp_path / "rollouts.jsonl"
+    rollouts.write_text("".join(json.dumps({"cid": s["cid"], "response": a}) + "\n" for s in samples for a in answers))
+    report = judge.main(["--config", str(ROOT / "config.toml"), "--set", f"data.test_file={ROOT}/data/demo/test.jsonl",
+                         "--calibrate", str(rollouts), "--repeats", "3"])
+    assert report["graded_responses"] == 15 and report["agreement"] == 1.0 and report["content_std"] == 0.0
+    assert json.loads((tmp_path / "calibration.json").read_text()) == report

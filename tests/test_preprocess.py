@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from conftest import FIXTURES
-from preprocess import (SYSTEM_PROMPT, decision_truth, load_samples, policy_messages, split_info,
+from preprocess import (INFO_FIELDS, SYSTEM_PROMPT, decision_truth, load_samples, parse_info,
+                        pick_test_sessions, policy_messages, read_sessions, session_samples, split_info,
                         split_session)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,3 +183,107 @@ def test_policy_messages():
     assert msgs[1:] == sample["messages"]
     assert len(sample["messages"]) == 2  # the sample itself is left untouched
     assert "<stop />" in SYSTEM_PROMPT
+
+
+# -----------------------------------------------------------------------------
+# raw sessions
+
+
+RAW = {"session_id": 7, "diagn": "Cold", "messages": [{"role": "user", "content": "I have a cold."},
+                                                       {"role": "assistant", "content": "Since when?"}]}
+
+
+def raw_line(**changes):
+    """RAW with some fields replaced (a value of None removes the field)."""
+    d = {**RAW, **changes}
+    return json.dumps({k: v for k, v in d.items() if v is not None})
+
+
+@pytest.mark.parametrize("line, why", [
+    ('{"session_id": 8,', "Expecting"),
+    ("[1, 2]", "JSON object"),
+    (raw_line(diagn=None), "missing fields ['diagn']"),
+    (raw_line(messages=[]), "non-empty list"),
+    (raw_line(messages="hello"), "non-empty list"),
+    (raw_line(messages=["hello"]), "message 0 must be a JSON object"),
+    (raw_line(messages=[{"role": "doctor", "content": "hi"}]), "got 'doctor'"),
+    (raw_line(messages=[{"content": "hi"}]), "got None"),
+    (raw_line(messages=[{"role": "user", "content": ["hi"]}]), "content must be a string, got list"),
+    (raw_line(messages=[{"role": "user", "content": None}]), "content must be a string"),
+    (raw_line(session_id=True), "session_id must be an integer or a string"),
+    (raw_line(session_id=1.5), "session_id must be an integer or a string"),
+    (raw_line(diagn=3), "diagn must be a string"),
+    (raw_line(session_id="7"), "session_id '7' already used on line 1"),  # same cids as session 7
+])
+def test_bad_sessions_name_file_and_line(tmp_path, line, why):
+    path = tmp_path / "raw.jsonl"
+    path.write_text(raw_line() + "\n\n" + line + "\n" + raw_line(session_id=9) + "\n")
+    with pytest.raises(ValueError) as e:
+        read_sessions(path)
+    assert str(e.value).startswith(f"{path}:3: ")
+    assert why in str(e.value)
+    sessions, skipped = read_sessions(path, skip_invalid=True)
+    assert [s["session_id"] for s in sessions] == [7, 9] and skipped == 1
+
+
+def test_bad_utf8_names_its_line(tmp_path):
+    path = tmp_path / "raw.jsonl"
+    path.write_bytes(raw_line().encode() + b"\n" + b'{"session_id": 8, "diagn": "\xff"}\n')
+    with pytest.raises(ValueError, match=f"{path}:2: "):
+        read_sessions(path)
+
+
+def test_session_samples_number_decision_points():
+    session = {**RAW, "messages": roles("uauaua")}
+    samples = [s for s, _ in session_samples(session)]
+    assert [(s["cid"], len(s["messages"]), s["decision_truth"]) for s in samples] == [
+        ("7_1", 1, "continue"), ("7_2", 3, "continue"), ("7_3", 5, "stop")]
+    assert all(s["info_truth"] == [] for s in samples)  # filled in by the extraction
+
+
+# -----------------------------------------------------------------------------
+# the extraction reply
+
+
+@pytest.mark.parametrize("reply, info", [
+    ('["symptom: dry cough", "symptom duration: 3 days"]', ["symptom: dry cough", "symptom duration: 3 days"]),
+    ("[]", []),
+    (' ```json\n["Trigger :  cold air"]\n```\n', ["trigger: cold air"]),  # fence, case and spaces tidied
+    ('["symptom: cough: worse at night"]', ["symptom: cough: worse at night"]),  # a colon in the value
+])
+def test_parse_info_accepts(reply, info):
+    assert parse_info(reply) == info
+
+
+@pytest.mark.parametrize("reply", [
+    "symptom: dry cough",                 # not JSON
+    'Here it is: ["symptom: cough"]',     # prose around the JSON
+    '{"symptom": "cough"}',               # an object, not a list
+    '"symptom: cough"',                   # a string, not a list
+    '[["symptom: cough"]]',               # a list of lists
+    '["symptom cough"]',                  # no colon
+    '["symptom: "]',                      # no value
+    '["allergies: none"]',                # a field we do not grade
+    '["medication history: ibuprofen"]',
+])
+def test_parse_info_refuses(reply):
+    with pytest.raises(ValueError):
+        parse_info(reply)
+
+
+def test_info_fields_are_the_ones_the_judge_knows():
+    # Extracted and demo labels use one vocabulary, so training and grading see the same field names.
+    demo = {item.split(":")[0] for s in load_samples(DEMO / "train.jsonl") for item in s["info_truth"]}
+    assert demo == set(INFO_FIELDS)
+
+
+# -----------------------------------------------------------------------------
+# the train / test split
+
+
+def test_pick_test_sessions():
+    ids = list(range(100))
+    held_out = pick_test_sessions(ids, 0.2)
+    assert len(held_out) == 20 and held_out <= set(ids)
+    assert pick_test_sessions(ids[::-1], 0.2) == held_out  # the file order does not matter
+    assert pick_test_sessions([1, 2, 3], 0.1) == set()
