@@ -131,7 +131,8 @@ def sample(model, prompts, group_size, max_new_tokens, eos_token_ids, pad_token_
         if done.any():
             keep = (~done).nonzero().squeeze(-1)
             cache.batch_select_indices(keep)
-            alive, token, attention_mask, next_position = alive[keep], token[keep], attention_mask[keep], next_position[keep]
+            alive, token, attention_mask, next_position = (
+                x[keep] for x in (alive, token, attention_mask, next_position))
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(alive), 1)], dim=1)
         out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position[:, None],
                     cache=cache, use_cache=True)

@@ -393,6 +393,13 @@ def verdict(sample: dict, response: str) -> dict | None:
 NOT_GRADED = {"content": None, "format": None, "reasoning": "judge failed"}
 
 
+def grade_all(backend, samples: list[dict], responses: list[str]) -> list[dict | None]:
+    """A backend's grades for a batch: in one call when it grades batches (concurrently), else one by one."""
+    if hasattr(backend, "grade_many"):
+        return backend.grade_many(samples, responses)
+    return [backend.grade(s, r) for s, r in zip(samples, responses, strict=True)]
+
+
 class Reward:
     """reward_fn(samples, responses) -> one dict per response: reward, action, content, format, decision,
     reasoning. reward is None when the judge could not grade: a missing reward, never a silent 0."""
@@ -405,9 +412,7 @@ class Reward:
         scores = [verdict(s, r) for s, r in zip(samples, responses, strict=True)]
         self.talked_to_grader += sum(bool(GRADER_TALK.search(r)) for r in responses)
         todo = [i for i, s in enumerate(scores) if s is None]  # the correct continues, one batch for the backend
-        pending = [samples[i] for i in todo], [responses[i] for i in todo]
-        grades = self.backend.grade_many(*pending) if hasattr(self.backend, "grade_many") else \
-            [self.backend.grade(s, r) for s, r in zip(*pending)]
+        grades = grade_all(self.backend, [samples[i] for i in todo], [responses[i] for i in todo])
         for i, graded in zip(todo, grades, strict=True):
             scores[i] = {"action": 1.0, **(graded or NOT_GRADED), "decision": "continue"}
         return [{"reward": None if s["content"] is None else fuse(s["action"], s["content"], s["format"], self.fusion),
@@ -419,11 +424,6 @@ class Reward:
                  "talked_to_grader": self.talked_to_grader}
         self.talked_to_grader = 0
         return stats
-
-
-def score(sample: dict, response: str, backend, fusion: str) -> dict:
-    """The reward of one response (a Reward grades a batch)."""
-    return Reward(backend, fusion)([sample], [response])[0]
 
 
 def make_reward_fn(cfg: dict) -> Reward:
@@ -467,8 +467,7 @@ def calibrate(backend, samples: list[dict], responses: list[str], repeats: int, 
     pending = [(s, r) for s, r in zip(samples, responses, strict=True) if verdict(s, r) is None]
     grades = [[] for _ in pending]
     for _ in range(repeats):  # one batch per repeat: the client merges identical requests within a batch
-        batch = backend.grade_many(*zip(*pending)) if hasattr(backend, "grade_many") else \
-            [backend.grade(s, r) for s, r in pending]
+        batch = grade_all(backend, [s for s, _ in pending], [r for _, r in pending])
         for kept, graded in zip(grades, batch):
             if graded is not None:
                 kept.append((graded["format"], graded["content"]))

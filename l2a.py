@@ -276,12 +276,15 @@ def my_share(items):
     return rank * per_rank, items[rank * per_rank:(rank + 1) * per_rank]
 
 
+def is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def mean_scores(scores):
     """Mean of each numeric field over the rows that have a number there (a missing reward is None)."""
-    def number(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
-    keys = dict.fromkeys(k for s in scores for k, v in s.items() if number(v))
-    return {k: sum(s[k] for s in scores if number(s.get(k))) / sum(number(s.get(k)) for s in scores) for k in keys}
+    keys = dict.fromkeys(k for s in scores for k, v in s.items() if is_number(v))
+    return {k: sum(s[k] for s in scores if is_number(s.get(k))) / sum(is_number(s.get(k)) for s in scores)
+            for k in keys}
 
 
 def eval_sampling(cfg):
@@ -291,7 +294,7 @@ def eval_sampling(cfg):
 
 def numeric_fields(sample, score):
     """Evaluation metrics of a custom reward: its numeric fields, averaged."""
-    return {k: v for k, v in score.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {k: v for k, v in score.items() if is_number(v)}
 
 
 def evaluate(model, tokenizer, samples, prompt_ids, cfg, reward_fn, rollout_metrics):
@@ -582,7 +585,7 @@ def train_step(model, reference, optimizer, tokenizer, samples, prompt_ids, cfg,
             m = mask[b, :width]
             if update == 0:  # the sampling policy, recomputed by the trainer so both sides of rho match
                 old_logprobs[b.start] = logprobs.detach()
-                add(totals, entropy=(entropy * m).sum().item(),
+                add(totals, first_update_tokens=m.sum().item(), entropy=(entropy * m).sum().item(),
                     sampler_gap=((logprobs.detach() - result.logprobs[b, :width]).abs() * m).sum().item())
             ref = None
             if reference is not None:
@@ -598,15 +601,17 @@ def train_step(model, reference, optimizer, tokenizer, samples, prompt_ids, cfg,
 
     # 4. Log: every rank's rows gathered on rank 0.
     lengths = result.completion_mask.sum(1)
-    rows = [{"cid": s["cid"], "prompt": tokenizer.decode(p), "response": r, "advantage": a.item(),
+    prompts = [tokenizer.decode(prompt_ids[i]) for i in indices]
+    rows = [{"cid": s["cid"], "prompt": prompts[j // G], "response": r, "advantage": a.item(),
              "length": n.item(), "finished": f.item(), **score}
-            for s, p, r, a, n, f, score in zip(row_samples, [prompt_ids[i] for i in indices for _ in range(G)],
-                                               responses, advantages, lengths, result.finished, scores)]
+            for j, (s, r, a, n, f, score) in enumerate(zip(row_samples, responses, advantages, lengths,
+                                                           result.finished, scores))]
     rows, parts, judge_parts = gather_rows(rows), gather_rows([totals]), gather_rows([judge_stats])
     totals = {k: sum(p.get(k, 0.0) for p in parts) for k in dict.fromkeys(k for p in parts for k in p)}
     judge_stats = {k: (max if k.startswith("latency") else sum)(p[k] for p in judge_parts if k in p)
                    for k in dict.fromkeys(k for p in judge_parts for k in p)}  # latency: the slowest rank's
-    tokens = max(totals.get("tokens", 0.0), 1.0)
+    tokens = max(totals.get("tokens", 0.0), 1.0)  # summed over the mu updates
+    first_update_tokens = max(totals.get("first_update_tokens", 0.0), 1.0)
     valid = [r["reward"] for r in rows if r["reward"] is not None]
     groups = [rows[i:i + G] for i in range(0, len(rows), G)]
     elapsed = time.perf_counter() - started
@@ -626,8 +631,8 @@ def train_step(model, reference, optimizer, tokenizer, samples, prompt_ids, cfg,
         "clip_fraction": totals.get("clipped", 0.0) / tokens,
         "approx_kl": totals.get("approx_kl", 0.0) / tokens,
         **({"ref_kl": totals["ref_kl"] / tokens} if "ref_kl" in totals else {}),
-        "entropy": totals.get("entropy", 0.0) / tokens * g["inner_updates"],
-        "sampler_trainer_logprob_gap": totals.get("sampler_gap", 0.0) / tokens * g["inner_updates"],
+        "entropy": totals.get("entropy", 0.0) / first_update_tokens,  # measured in the first update only
+        "sampler_trainer_logprob_gap": totals.get("sampler_gap", 0.0) / first_update_tokens,
         "grad_norm": None if grad_norm is None else
         grad_norm.full_tensor().item() if hasattr(grad_norm, "full_tensor") else grad_norm.item(),
         "completion_length_mean": sum(r["length"] for r in rows) / len(rows),
@@ -696,7 +701,7 @@ def main(argv=None):
         parser.error("--config is required")
     try:
         cfg = load_config(args.config, args.set)
-    except (ValueError, OSError, tomllib.TOMLDecodeError) as e:
+    except (ValueError, OSError) as e:  # tomllib.TOMLDecodeError is a ValueError
         sys.exit(f"config error: {e}")
     try:
         evaluate_models(cfg, args.checkpoint) if args.eval else train(cfg, resume=args.resume)

@@ -49,8 +49,8 @@ def test_empty_class_and_missing_grades():
         def grade(self, sample, response):
             return None
 
-    rows = [{"rollout": 0, "metrics": judge.rollout_metrics(CONTINUE, judge.score(CONTINUE, "Where?", Failing(),
-                                                                                    "multiplicative"))},
+    rows = [{"rollout": 0, "metrics": judge.rollout_metrics(CONTINUE, judge.Reward(Failing(), "multiplicative")(
+                [CONTINUE], ["Where?"])[0])},
             {"rollout": 0, "metrics": judge.rollout_metrics(CONTINUE, graded(CONTINUE, "Where does it hurt?"))}]
     summary = l2a.summarize(rows, k=1)
     assert summary["stop_decision_accuracy"] == {"mean": None, "spread": 0.0, "count": 0}

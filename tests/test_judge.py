@@ -1,17 +1,22 @@
 import json
 import re
-from pathlib import Path
 
 import pytest
 
-from judge import Reward, RulesJudge, fuse, grader_messages, make_reward_fn, parse_grade, questions, score
+from conftest import FIXTURES
+from judge import Reward, RulesJudge, fuse, grader_messages, make_reward_fn, parse_grade, questions
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared/fixtures/realmedconv_206_1_processed.jsonl"
+FIXTURE = FIXTURES / "realmedconv_206_1_processed.jsonl"
 
 CONTINUE = {"messages": [{"role": "user", "content": "I have a sore throat."}], "decision_truth": "continue",
             "info_truth": ["symptom: sore throat", "symptom location: chest", "symptom severity: mild"]}
 STOP_SAMPLE = {"messages": [{"role": "user", "content": "Thanks, that is all."}], "decision_truth": "stop",
                "info_truth": []}
+
+
+def score(sample, response, backend, fusion):
+    """The reward of one response."""
+    return Reward(backend, fusion)([sample], [response])[0]
 
 
 class RecordingJudge:

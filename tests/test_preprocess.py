@@ -111,10 +111,13 @@ GOOD = {"cid": "1_1", "session_id": 1, "diagn": "Common cold",
         "decision_truth": "continue", "info_truth": ["symptom: fever"]}
 
 
+def changed(base, **changes):
+    """A JSON line of base with some fields replaced (a value of None removes the field)."""
+    return json.dumps({k: v for k, v in {**base, **changes}.items() if v is not None})
+
+
 def broken(**changes):
-    """GOOD with some fields replaced (a value of None removes the field)."""
-    d = {**GOOD, **changes}
-    return json.dumps({k: v for k, v in d.items() if v is not None})
+    return changed(GOOD, **changes)
 
 
 @pytest.mark.parametrize("line, why", [
@@ -194,9 +197,7 @@ RAW = {"session_id": 7, "diagn": "Cold", "messages": [{"role": "user", "content"
 
 
 def raw_line(**changes):
-    """RAW with some fields replaced (a value of None removes the field)."""
-    d = {**RAW, **changes}
-    return json.dumps({k: v for k, v in d.items() if v is not None})
+    return changed(RAW, **changes)
 
 
 @pytest.mark.parametrize("line, why", [
