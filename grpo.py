@@ -19,10 +19,18 @@ from torch.utils.checkpoint import checkpoint
 
 
 def shape_logits(logits, temperature=1.0, top_k=0, top_p=1.0):
-    """The distribution the policy actually samples from, as float32 logits (-inf outside the kept set).
+    """The distribution the sampler draws from, as float32 logits (-inf outside the kept set).
 
-    The sampler and the trainer both call this: a policy-gradient ratio compares probabilities of *this*
-    distribution, so recomputing log-probs without the same temperature and truncation is a silent bug.
+    Only the sampler truncates. The policy that is scored and trained is the tempered, untruncated
+    softmax(logits / temperature), in the sampler's reported log-probs and in the trainer's alike, and
+    here is why. Carrying the truncation into the trainer would make a sampled token's log-prob -inf
+    whenever the trainer's recomputed kept set misses it, and it does: a cached bf16 decode and a full
+    bf16 forward differ in the last bits, enough to move a token across the top-p or top-k boundary
+    (seen on the real model: 2 of 978 tokens at top_p = 0.9; then rho = exp(-inf + inf) = NaN and
+    every weight NaN). Under the untruncated distribution every token has a finite log-prob. The price
+    is a small, known bias: tokens come from the truncated q, not from pi, and q = pi / (kept mass) on
+    the kept set, so the exact importance weight pi/q is the kept mass (>= top_p), a per-position
+    constant the surrogate ignores, as TRL and verl do.
     """
     logits = logits.float() / temperature
     if top_k > 0:
@@ -47,7 +55,7 @@ class Rollout:
     prompt_mask: torch.Tensor  # [B, P] 1 on real prompt tokens
     completion_ids: torch.Tensor  # [B, T]
     completion_mask: torch.Tensor  # [B, T] 1 on sampled tokens, up to and including EOS / the stop string
-    logprobs: torch.Tensor  # [B, T] log-prob of each sampled token under the shaped distribution, 0 on padding
+    logprobs: torch.Tensor  # [B, T] log-prob of each sampled token under the tempered untruncated policy; 0 on pad
     finished: torch.Tensor  # [B] True if the row ended by EOS or a stop string, False if it hit the length cap
 
 
@@ -99,9 +107,10 @@ def sample(model, prompts, group_size, max_new_tokens, eos_token_ids, pad_token_
     lengths = torch.zeros(n_rows, dtype=torch.long, device=device)
     finished = torch.zeros(n_rows, dtype=torch.bool, device=device)
     alive = torch.arange(n_rows, device=device)  # rows still generating, in cache order
-    if repetition_penalty != 1.0:  # seen[r, v]: token v is already in row r
-        real = torch.where(attention_mask.bool(), prompt_ids.repeat_interleave(group_size, 0), prompt_ids[:1, -1:])
-        seen = torch.zeros((n_rows, logits.size(-1)), dtype=torch.bool, device=device).scatter_(1, real, True)
+    if repetition_penalty != 1.0:  # seen[r, v]: token v is already in row r; padding slots mark nothing
+        seen = torch.zeros((len(prompts), logits.size(-1)), device=device).scatter_add_(1, prompt_ids,
+                                                                                         prompt_mask.float()) > 0
+        seen = seen.repeat_interleave(group_size, 0)
     for t in range(max_new_tokens):
         if repetition_penalty != 1.0:
             penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
@@ -118,7 +127,8 @@ def sample(model, prompts, group_size, max_new_tokens, eos_token_ids, pad_token_
         completion_ids[alive, t] = token
         if repetition_penalty != 1.0:
             seen[alive, token] = True
-        logprobs[alive, t] = shaped.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
+        policy = logits.float() / (temperature or 1.0)  # what the trainer scores: see shape_logits
+        logprobs[alive, t] = policy.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
         lengths[alive] += 1
         done = torch.isin(token, eos)
         if stop_window:
@@ -145,9 +155,9 @@ def sample(model, prompts, group_size, max_new_tokens, eos_token_ids, pad_token_
                    completion_ids[:, :width], completion_mask, logprobs[:, :width], finished)
 
 
-def token_logprobs(model, input_ids, attention_mask, n_completion, temperature=1.0, top_k=0, top_p=1.0,
-                   chunk_tokens=2048):
-    """Teacher-forced log-probs and entropies of the last `n_completion` tokens of each row: ([B, T], [B, T]).
+def token_logprobs(model, input_ids, attention_mask, n_completion, temperature=1.0, chunk_tokens=2048):
+    """Teacher-forced log-probs and entropies of the last `n_completion` tokens of each row: ([B, T], [B, T]),
+    under the tempered, untruncated policy softmax(logits / temperature) (why untruncated: shape_logits).
 
     The logits at position t predict token t + 1, so the completion's T tokens are scored by the hidden
     states at positions L - T - 1 ... L - 2. The vocabulary projection runs on chunks of `chunk_tokens`
@@ -168,7 +178,7 @@ def token_logprobs(model, input_ids, attention_mask, n_completion, temperature=1
         logps, entropies = [], []
         for start in range(0, targets.numel(), chunk_tokens):
             part = slice(start, start + chunk_tokens)
-            args = (h[part], module.weight, module.bias, targets[part], temperature, top_k, top_p)
+            args = (h[part], module.weight, module.bias, targets[part], temperature)
             lp, ent = checkpoint(_chunk_logprobs, *args, use_reentrant=False) if torch.is_grad_enabled() \
                 else _chunk_logprobs(*args)
             logps.append(lp)
@@ -187,8 +197,8 @@ def token_logprobs(model, input_ids, attention_mask, n_completion, temperature=1
     return logps.view(-1, n_completion), entropies.view(-1, n_completion)
 
 
-def _chunk_logprobs(h, weight, bias, targets, temperature, top_k, top_p):
-    logp = shape_logits(torch.nn.functional.linear(h, weight, bias), temperature, top_k, top_p).log_softmax(-1)
+def _chunk_logprobs(h, weight, bias, targets, temperature):
+    logp = (torch.nn.functional.linear(h, weight, bias).float() / temperature).log_softmax(-1)
     with torch.no_grad():  # entropy is only logged
         entropy = torch.special.entr(logp.exp()).sum(-1)
     return logp.gather(-1, targets[:, None]).squeeze(-1), entropy

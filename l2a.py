@@ -246,8 +246,11 @@ def encode_prompts(samples, tokenizer, max_tokens):
 # ----------------------------------------------------------------------------- rollouts
 
 def rollout(model, tokenizer, prompt_ids, sampling, seeds, group_size):
-    """Sample and decode; `sampling` is cfg["grpo"] for training or eval_sampling(cfg) for evaluation."""
+    """Sample and decode; `sampling` is cfg["grpo"] for training or eval_sampling(cfg) for evaluation.
+    Every rank calls it, even with no prompts: gathering the parameters is a collective."""
     with gathered(model):
+        if not prompt_ids:
+            return None, []
         model.eval()
         result = grpo.sample(model, prompt_ids, group_size, sampling["max_new_tokens"], eos_ids(tokenizer),
                              tokenizer.pad_token_id, sampling["temperature"], sampling["top_k"], sampling["top_p"],
@@ -270,10 +273,10 @@ def gather_rows(rows):
     return [row for part in parts for row in part]
 
 
-def my_share(items):
+def my_share(n):
+    """This rank's indices of n items: shares differ by at most one, and some are empty when n < ranks."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    per_rank = math.ceil(len(items) / world)
-    return rank * per_rank, items[rank * per_rank:(rank + 1) * per_rank]
+    return range(rank * n // world, (rank + 1) * n // world)
 
 
 def is_number(v):
@@ -301,11 +304,11 @@ def evaluate(model, tokenizer, samples, prompt_ids, cfg, reward_fn, rollout_metr
     """k rollouts per test prompt with the evaluation sampling settings, graded; each rank takes a share.
     Returns (summary, rows); the seeds are the same every time, so evaluations compare like with like."""
     k = cfg["eval"]["samples"]
-    first, mine = my_share(list(range(len(samples))))
+    mine = my_share(len(samples))
+    _, responses = rollout(model, tokenizer, [prompt_ids[i] for i in mine], eval_sampling(cfg),
+                           row_seeds(cfg["train"]["seed"], -1, mine.start, len(mine), k), k)
     rows = []
     if mine:
-        _, responses = rollout(model, tokenizer, [prompt_ids[i] for i in mine], eval_sampling(cfg),
-                               row_seeds(cfg["train"]["seed"], -1, first, len(mine), k), k)
         row_samples = [samples[i] for i in mine for _ in range(k)]
         scores = reward_fn(row_samples, responses)
         if hasattr(reward_fn, "drain_stats"):
@@ -476,6 +479,9 @@ def train(cfg, resume=False, reward_fn=None, rollout_metrics=None):
         if rank == 0:
             log(out_dir, metrics)
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['approx_kl']:.2e}")
+            if "nonfinite" in metrics:
+                tqdm.write(f"step {done}: non-finite {metrics['nonfinite']}, update skipped; prompts "
+                           f"{', '.join(map(str, metrics['nonfinite_cids']))}")
         recent.append((metrics["reward_missing"], metrics["rollouts"]))
         missing = sum(m for m, _ in recent) / sum(n for _, n in recent)
         if missing > cfg["judge"]["max_missing_fraction"]:
@@ -568,11 +574,12 @@ def train_step(model, reference, optimizer, tokenizer, samples, prompt_ids, cfg,
     normalizer = grpo.loss_normalizer(mask, g["aggregation"], g["max_new_tokens"])
     dist.all_reduce(normalizer)
     batches = [slice(i, i + t["micro_batch_size"]) for i in range(0, len(ids), t["micro_batch_size"])]
-    old_logprobs, totals, grad_norm = {}, {}, None
+    old_logprobs, totals, grad_norm, fault = {}, {}, None, None
     # No trained token on any rank (every reward missing, or no group with two valid ones): no update, since
     # a step on a 0/0 loss would write NaN into the weights.
     for update in range(g["inner_updates"] if normalizer > 0 else 0):
         optimizer.zero_grad(set_to_none=True)
+        update_loss = 0.0
         for b in batches:
             # trim the micro-batch to its own longest prompt (left padding) and completion (right padding)
             keep = attention[b].any(0)
@@ -580,8 +587,7 @@ def train_step(model, reference, optimizer, tokenizer, samples, prompt_ids, cfg,
             width = int(result.completion_mask[b].sum(1).max())
             keep[result.prompt_ids.size(1) + width:] = False
             logprobs, entropy = grpo.token_logprobs(model, ids[b][:, keep], attention[b][:, keep], width,
-                                                    g["temperature"] or 1.0, g["top_k"], g["top_p"],
-                                                    g["logprob_chunk"])
+                                                    g["temperature"] or 1.0, g["logprob_chunk"])
             m = mask[b, :width]
             if update == 0:  # the sampling policy, recomputed by the trainer so both sides of rho match
                 old_logprobs[b.start] = logprobs.detach()
@@ -591,12 +597,17 @@ def train_step(model, reference, optimizer, tokenizer, samples, prompt_ids, cfg,
             if reference is not None:
                 with torch.no_grad():
                     ref, _ = grpo.token_logprobs(reference, ids[b][:, keep], attention[b][:, keep], width,
-                                                 g["temperature"] or 1.0, g["top_k"], g["top_p"], g["logprob_chunk"])
+                                                 g["temperature"] or 1.0, g["logprob_chunk"])
             loss, stats = grpo.policy_loss(logprobs, old_logprobs[b.start], advantages[b], m, normalizer,
                                            g["aggregation"], g["clip_low"], g["clip_high"], ref, g["kl_coef"])
             loss.backward()
             add(totals, loss=loss.item(), **stats)
+            update_loss += loss.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
+        fault = nonfinite(update_loss, grad_norm)
+        if fault:  # one NaN written into the weights ruins every later step: drop this batch instead
+            optimizer.zero_grad(set_to_none=True)
+            break
         optimizer.step()
 
     # 4. Log: every rank's rows gathered on rank 0.
@@ -625,15 +636,17 @@ def train_step(model, reference, optimizer, tokenizer, samples, prompt_ids, cfg,
         **{f"judge_{k}": v for k, v in judge_stats.items()},
         "advantage_mean": sum(r["advantage"] for r in rows) / len(rows),
         "advantage_abs_mean": sum(abs(r["advantage"]) for r in rows) / len(rows),
-        "zero_std_group_fraction": sum(len({r["reward"] for r in grp}) == 1 for grp in groups) / len(groups),
-        "updated": grad_norm is not None,
+        # groups that teach nothing: every valid reward equal, or fewer than two valid rewards
+        "zero_std_group_fraction": sum(all(r["advantage"] == 0 for r in grp) for grp in groups) / len(groups),
+        "updated": grad_norm is not None and fault is None,
+        **({"nonfinite": fault, "nonfinite_cids": sorted({r["cid"] for r in rows})} if fault else {}),
         "loss": totals.get("loss", 0.0) / g["inner_updates"],
         "clip_fraction": totals.get("clipped", 0.0) / tokens,
         "approx_kl": totals.get("approx_kl", 0.0) / tokens,
         **({"ref_kl": totals["ref_kl"] / tokens} if "ref_kl" in totals else {}),
         "entropy": totals.get("entropy", 0.0) / first_update_tokens,  # measured in the first update only
         "sampler_trainer_logprob_gap": totals.get("sampler_gap", 0.0) / first_update_tokens,
-        "grad_norm": None if grad_norm is None else
+        "grad_norm": None if grad_norm is None or fault else
         grad_norm.full_tensor().item() if hasattr(grad_norm, "full_tensor") else grad_norm.item(),
         "completion_length_mean": sum(r["length"] for r in rows) / len(rows),
         "completion_length_max": max(r["length"] for r in rows),
@@ -651,6 +664,15 @@ def train_step(model, reference, optimizer, tokenizer, samples, prompt_ids, cfg,
                                 "completions": [{k: v for k, v in r.items() if k not in ("cid", "prompt")}
                                                 for r in grp]}) + "\n")
     return metrics
+
+
+def nonfinite(loss, grad_norm):
+    """"loss" or "grad_norm" if that quantity of the update is NaN or infinite on any rank, else None. The
+    gradient norm is already global; the loss is summed over ranks so that every rank decides alike."""
+    loss = torch.tensor(loss, dtype=torch.float64)
+    dist.all_reduce(loss)
+    norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    return "loss" if not loss.isfinite() else "grad_norm" if not norm.isfinite() else None
 
 
 def add(totals, **values):

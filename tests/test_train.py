@@ -128,6 +128,60 @@ def test_two_ranks_train_exactly_like_one(tiny_model_dir, tmp_path):
         assert (w1[k] - initial[k]).abs().max() > 1e-3, k
 
 
+def test_truncated_sampling_in_bf16_trains_finite_weights(tiny_model_dir, tmp_path):
+    """top-k and top-p in training, in bf16: every step updates and no weight turns non-finite. (With the
+    truncation recomputed by the trainer, this very run scored a sampled token -inf and its weights went NaN.)"""
+    out = tmp_path / "run"
+    run(write_config(tmp_path / "c.toml", tiny_model_dir, out, model={"dtype": "bfloat16"}, train={"steps": 3},
+                     grpo={"top_k": 10, "top_p": 0.9, "group_size": 8, "max_new_tokens": 48}))
+    assert all(m["updated"] and "nonfinite" not in m for m in metrics(out))
+    w, initial = weights(out / "checkpoints/step_3"), weights(tiny_model_dir)
+    for k in w:
+        assert w[k].isfinite().all(), k
+    assert any(not torch.equal(w[k], initial[k]) for k in w)
+
+
+def test_a_nonfinite_loss_never_reaches_the_weights(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    run(write_config(tmp_path / "c.toml", tiny_model_dir, out), 1, "--inf-reward")
+    for m in metrics(out):
+        assert not m["updated"] and m["nonfinite"] == "loss" and m["grad_norm"] is None
+        assert len(m["nonfinite_cids"]) == 4
+    w, initial = weights(out / "checkpoints/step_2"), weights(tiny_model_dir)
+    assert all(torch.equal(w[k], initial[k]) for k in w)
+
+
+def test_nonfinite_names_the_quantity():
+    if not l2a.dist.is_initialized():
+        l2a.dist.init_process_group("gloo", store=l2a.dist.HashStore(), rank=0, world_size=1)
+    assert l2a.nonfinite(0.5, torch.tensor(1.0)) is None
+    assert l2a.nonfinite(float("nan"), torch.tensor(1.0)) == "loss"
+    assert l2a.nonfinite(0.5, torch.tensor(float("inf"))) == "grad_norm"
+
+
+def test_evaluation_with_fewer_prompts_than_ranks(tiny_model_dir, tmp_path):
+    """One rank gets no test prompt, yet joins every collective; the rollouts equal a one-rank run's."""
+    rollouts = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"n{nproc}"
+        run(write_config(tmp_path / f"c{nproc}.toml", tiny_model_dir, out, train={"steps": 1},
+                         eval={"prompts": 1, "samples": 2}), nproc)
+        rollouts[nproc] = (out / "eval/step_0/rollouts.jsonl").read_text()
+    assert rollouts[1] == rollouts[2] and len(rollouts[1].splitlines()) == 2
+
+
+def test_evaluation_prompts_are_spread_evenly(monkeypatch):
+    """20 prompts on 8 ranks: 2 or 3 each, every prompt once, in rank order (ceil-sized shares gave one rank 0)."""
+    monkeypatch.setattr(l2a.dist, "get_world_size", lambda: 8)
+    shares = []
+    for rank in range(8):
+        monkeypatch.setattr(l2a.dist, "get_rank", lambda: rank)
+        shares.append(l2a.my_share(20))
+    assert [len(s) for s in shares] == [2, 3, 2, 3, 2, 3, 2, 3]
+    assert [i for s in shares for i in s] == list(range(20))
+    assert [list(shares[r]) for r in range(8)][:2] == [[0, 1], [2, 3, 4]]
+
+
 def test_checkpoint_loads_in_transformers_with_tied_embeddings(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     run(write_config(tmp_path / "c.toml", tiny_model_dir, out))

@@ -1,7 +1,8 @@
-"""A training run with a learnable toy reward, for the tests: `python|torchrun toy_run.py CONFIG [--resume]`.
+"""A training run with a learnable toy reward, for the tests:
+`python|torchrun toy_run.py CONFIG [--resume] [--inf-reward]`.
 
 The toy reward is the share of vowels in the response: a tiny random model can raise it within a few
-steps, and it needs no judge.
+steps, and it needs no judge. --inf-reward makes one reward of each batch infinite, a broken reward function.
 """
 
 import sys
@@ -16,8 +17,13 @@ def vowel_share(samples, responses):
             for r in responses]
 
 
+def one_infinite(samples, responses):
+    return [{"reward": float("inf")}] + vowel_share(samples, responses)[1:]
+
+
 if __name__ == "__main__":
     try:
-        l2a.train(l2a.load_config(sys.argv[1]), resume="--resume" in sys.argv, reward_fn=vowel_share)
+        l2a.train(l2a.load_config(sys.argv[1]), resume="--resume" in sys.argv,
+                  reward_fn=one_infinite if "--inf-reward" in sys.argv else vowel_share)
     finally:
         l2a.dist.destroy_process_group()
