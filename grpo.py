@@ -160,13 +160,63 @@ def token_logprobs(model, input_ids, attention_mask, n_completion, temperature=1
     under the tempered, untruncated policy softmax(logits / temperature) (why untruncated: shape_logits).
 
     The logits at position t predict token t + 1, so the completion's T tokens are scored by the hidden
-    states at positions L - T - 1 ... L - 2. The vocabulary projection runs on chunks of `chunk_tokens`
-    tokens, each recomputed in backward (activation checkpointing), so [B, T, vocab] float32 logits never
-    exist at once. It runs inside the model's own forward, through hooks on the output layer, because
-    under FSDP that is where the (possibly tied) output weight is gathered and where gradients are tracked.
+    states at positions L - T - 1 ... L - 2.
+    """
+    targets = input_ids[:, -n_completion:]
+    return _scored_forward(model, targets, temperature, chunk_tokens, input_ids=input_ids,
+                           attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask),
+                           use_cache=False, logits_to_keep=n_completion + 1)
+
+
+def shared_prompt_logprobs(model, prompt_ids, prompt_mask, prompt_of_row, completion_ids, completion_mask,
+                           temperature=1.0, chunk_tokens=2048):
+    """token_logprobs of the rows [prompt_ids[prompt_of_row[r]], completion_ids[r]], each prompt run once.
+
+    A Learn-to-Ask row is a long consultation and a short answer, and the G answers of a group share
+    their prompt: scoring full rows runs the prompt G times, forward and backward. Here each distinct
+    prompt (prompt_ids: [N, P], left-padded) goes through the model once; its KV cache is then indexed
+    out to its rows (a differentiable gather), and the completions ([B, T], right-padded) run as a
+    second forward that attends to it, exactly like the sampler's decode. The gradients of all rows flow
+    back through the gathered keys and values into the one prompt pass. The prompt's last hidden state
+    scores each row's first token. Equal to token_logprobs on the full rows up to float error (tested).
+    Needs the KV cache, so not with Transformers' gradient checkpointing, which switches the cache off.
+    """
+    if getattr(model, "is_activation_checkpointing", False) and torch.is_grad_enabled():
+        raise ValueError("shared_prompt_logprobs needs the KV cache, which gradient checkpointing switches off")
+    last = {}
+
+    def keep_last_hidden(module, args):
+        last["h"] = args[0][:, -1:]
+        return (args[0][:, :0],)  # nothing to project in the prompt pass
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(keep_last_hidden)
+    try:
+        out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions_from_mask(prompt_mask),
+                    use_cache=True, logits_to_keep=1)
+    finally:
+        handle.remove()
+    cache = out.cache
+    cache.batch_select_indices(prompt_of_row)
+    row_prompt_mask = prompt_mask[prompt_of_row]
+    # Positions continue from each prompt's real length; the mask spans the padded prompt, then the answer.
+    positions = row_prompt_mask.sum(-1, keepdim=True) + torch.arange(completion_ids.size(1), device=prompt_ids.device)
+    return _scored_forward(model, completion_ids, temperature, chunk_tokens, first_hidden=last["h"][prompt_of_row],
+                           input_ids=completion_ids, attention_mask=torch.cat([row_prompt_mask, completion_mask], 1),
+                           position_ids=positions, cache=cache, use_cache=True,
+                           logits_to_keep=completion_ids.size(1))
+
+
+def _scored_forward(model, targets, temperature, chunk_tokens, first_hidden=None, **inputs):
+    """model(**inputs) with its output layer replaced: the hidden states that reach it, minus the last
+    position and after `first_hidden` [B, 1, H] when given, score `targets` [B, T]. Returns ([B, T], [B, T]).
+
+    The vocabulary projection runs on chunks of `chunk_tokens` tokens, each recomputed in backward
+    (activation checkpointing), so [B, T, vocab] float32 logits never exist at once. It runs inside the
+    model's own forward, through hooks on the output layer, because under FSDP that is where the (possibly
+    tied) output weight is gathered and where gradients are tracked.
     """
     head = model.get_output_embeddings()
-    targets = input_ids[:, -n_completion:].reshape(-1)
+    flat_targets = targets.reshape(-1)
     hidden = {}
 
     def take_hidden(module, args):
@@ -174,11 +224,14 @@ def token_logprobs(model, input_ids, attention_mask, n_completion, temperature=1
         return (args[0][:, :0],)  # the head projects nothing itself
 
     def project_in_chunks(module, args, output):
-        h = hidden.pop("h")[:, :-1].reshape(targets.numel(), -1)
+        h = hidden.pop("h")[:, :-1]
+        if first_hidden is not None:
+            h = torch.cat([first_hidden, h], 1)
+        h = h.reshape(flat_targets.numel(), -1)
         logps, entropies = [], []
-        for start in range(0, targets.numel(), chunk_tokens):
+        for start in range(0, flat_targets.numel(), chunk_tokens):
             part = slice(start, start + chunk_tokens)
-            args = (h[part], module.weight, module.bias, targets[part], temperature)
+            args = (h[part], module.weight, module.bias, flat_targets[part], temperature)
             lp, ent = checkpoint(_chunk_logprobs, *args, use_reentrant=False) if torch.is_grad_enabled() \
                 else _chunk_logprobs(*args)
             logps.append(lp)
@@ -187,14 +240,12 @@ def token_logprobs(model, input_ids, attention_mask, n_completion, temperature=1
 
     handles = [head.register_forward_pre_hook(take_hidden), head.register_forward_hook(project_in_chunks)]
     try:
-        out = model(input_ids=input_ids, attention_mask=attention_mask,
-                    position_ids=positions_from_mask(attention_mask), use_cache=False,
-                    logits_to_keep=n_completion + 1)
+        out = model(**inputs)
     finally:
         for handle in handles:
             handle.remove()
     logps, entropies = out.logits
-    return logps.view(-1, n_completion), entropies.view(-1, n_completion)
+    return logps.view(targets.shape), entropies.view(targets.shape)
 
 
 def _chunk_logprobs(h, weight, bias, targets, temperature):

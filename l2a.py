@@ -197,7 +197,7 @@ def load_model(path, cfg, device, trainable=True):
         attention = "flash_attention_2"
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attention)
     if trainable and cfg["model"]["gradient_checkpointing"]:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.to(device)
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype(cfg["model"]["dtype"], device),
                                   reduce_dtype=torch.float32)
@@ -619,13 +619,14 @@ def train_step(model, reference, optimizer, tokenizer, samples, prompt_ids, cfg,
     rewards = torch.tensor([math.nan if s["reward"] is None else s["reward"] for s in scores])
     advantages = grpo.group_advantages(rewards, G, g["scale_by_std"]).to(device)
     mask = result.completion_mask * grpo.trained_rows(rewards, G).to(device)[:, None]
-    ids = torch.cat([result.prompt_ids, result.completion_ids], 1)
-    attention = torch.cat([result.prompt_mask, result.completion_mask], 1)
+    # One prompt pass per group instead of G (grpo.shared_prompt_logprobs), unless there is nothing to
+    # share or gradient checkpointing has switched the KV cache off.
+    share = G > 1 and not cfg["model"]["gradient_checkpointing"]
 
     # 3. mu optimizer steps on this batch. The normaliser is summed over ranks before any backward.
     normalizer = grpo.loss_normalizer(mask, g["aggregation"], g["max_new_tokens"])
     dist.all_reduce(normalizer)
-    batches = [slice(i, i + t["micro_batch_size"]) for i in range(0, len(ids), t["micro_batch_size"])]
+    batches = [slice(i, i + t["micro_batch_size"]) for i in range(0, len(mask), t["micro_batch_size"])]
     old_logprobs, totals, grad_norm, fault = {}, {}, None, None
     # No trained token on any rank (every reward missing, or no group with two valid ones): no update, since
     # a step on a 0/0 loss would write NaN into the weights.
@@ -633,13 +634,8 @@ def train_step(model, reference, optimizer, tokenizer, samples, prompt_ids, cfg,
         optimizer.zero_grad(set_to_none=True)
         update_loss = 0.0
         for b in batches:
-            # trim the micro-batch to its own longest prompt (left padding) and completion (right padding)
-            keep = attention[b].any(0)
-            keep[:result.prompt_ids.size(1)] &= result.prompt_mask[b].any(0)
-            width = int(result.completion_mask[b].sum(1).max())
-            keep[result.prompt_ids.size(1) + width:] = False
-            logprobs, entropy = grpo.token_logprobs(model, ids[b][:, keep], attention[b][:, keep], width,
-                                                    g["temperature"] or 1.0, g["logprob_chunk"])
+            logprobs, entropy = score_rows(model, result, b, G, share, g["temperature"] or 1.0, g["logprob_chunk"])
+            width = logprobs.size(1)
             m = mask[b, :width]
             if update == 0:  # the sampling policy, recomputed by the trainer so both sides of rho match
                 old_logprobs[b.start] = logprobs.detach()
@@ -648,8 +644,7 @@ def train_step(model, reference, optimizer, tokenizer, samples, prompt_ids, cfg,
             ref = None
             if reference is not None:
                 with torch.no_grad():
-                    ref, _ = grpo.token_logprobs(reference, ids[b][:, keep], attention[b][:, keep], width,
-                                                 g["temperature"] or 1.0, g["logprob_chunk"])
+                    ref, _ = score_rows(reference, result, b, G, share, g["temperature"] or 1.0, g["logprob_chunk"])
             loss, stats = grpo.policy_loss(logprobs, old_logprobs[b.start], advantages[b], m, normalizer,
                                            g["aggregation"], g["clip_low"], g["clip_high"], ref, g["kl_coef"])
             loss.backward()
@@ -716,6 +711,25 @@ def train_step(model, reference, optimizer, tokenizer, samples, prompt_ids, cfg,
                                 "completions": [{k: v for k, v in r.items() if k not in ("cid", "prompt")}
                                                 for r in grp]}) + "\n")
     return metrics
+
+
+def score_rows(model, result, rows, group_size, share, temperature, chunk_tokens):
+    """Log-probs and entropies of the completions of `rows` (a slice of the rollout), trimmed to the rows'
+    own longest prompt (left padding) and completion (right padding). With `share`, each prompt of the
+    slice runs once for all its rows there, whole groups or not."""
+    prompt_columns = result.prompt_mask[rows].any(0)
+    width = int(result.completion_mask[rows].sum(1).max())
+    completion_ids, completion_mask = result.completion_ids[rows, :width], result.completion_mask[rows, :width]
+    if share:
+        prompt_of_row = torch.arange(len(result.prompt_ids), device=completion_ids.device)[rows] // group_size
+        first_rows = prompt_of_row.unique() * group_size
+        return grpo.shared_prompt_logprobs(model, result.prompt_ids[first_rows][:, prompt_columns],
+                                           result.prompt_mask[first_rows][:, prompt_columns],
+                                           prompt_of_row - prompt_of_row[0], completion_ids, completion_mask,
+                                           temperature, chunk_tokens)
+    ids = torch.cat([result.prompt_ids[rows][:, prompt_columns], completion_ids], 1)
+    mask = torch.cat([result.prompt_mask[rows][:, prompt_columns], completion_mask], 1)
+    return grpo.token_logprobs(model, ids, mask, width, temperature, chunk_tokens)
 
 
 def progress_numbers(metrics):

@@ -1,5 +1,6 @@
 """The hand-written KV-cached sampler against Transformers' own generate and the trainer's log-probs."""
 
+import pytest
 import torch
 
 import grpo
@@ -73,6 +74,44 @@ def test_token_logprobs_against_full_logits(model):
     reference.sum().backward()
     assert torch.allclose(logps, reference, atol=1e-5)
     assert torch.allclose(chunked_grad, model.model.embed_tokens.weight.grad, atol=1e-5)
+
+
+def test_shared_prompt_logprobs_equal_full_rows():
+    """Each prompt run once for its G rows gives the full rows' log-probs, entropies and gradients."""
+    model = tiny_llama(seed=4).train()
+    group_size = 3
+    rollout = grpo.sample(model, PROMPTS, group_size, 10, [2], 2, temperature=1.5, seeds=list(range(9)))
+    assert len(set(rollout.completion_mask.sum(1).tolist())) > 1, "rows of different lengths"
+    ids, mask = full_rows(rollout)
+    m = rollout.completion_mask.float()
+    results = []
+    for share in (False, True):
+        model.zero_grad()
+        if share:
+            prompt_of_row = torch.arange(len(ids)) // group_size
+            logps, entropy = grpo.shared_prompt_logprobs(model, rollout.prompt_ids[::group_size],
+                                                         rollout.prompt_mask[::group_size], prompt_of_row,
+                                                         rollout.completion_ids, rollout.completion_mask,
+                                                         temperature=0.8, chunk_tokens=7)
+        else:
+            logps, entropy = grpo.token_logprobs(model, ids, mask, rollout.completion_ids.size(1), 0.8, chunk_tokens=7)
+        (logps * m * torch.linspace(-1, 1, len(ids))[:, None]).sum().backward()  # rows weigh differently
+        results.append((logps.detach(), entropy, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (plain_lp, plain_ent, plain_grads), (lp, ent, grads) = results
+    on = m.bool()
+    assert torch.allclose(lp[on], plain_lp[on], atol=1e-5) and torch.allclose(ent[on], plain_ent[on], atol=1e-4)
+    for name, grad in grads.items():
+        assert torch.allclose(grad, plain_grads[name], atol=1e-5), name
+    assert max(g.abs().max() for g in plain_grads.values()) > 1e-2  # the gradients compared are not all ~0
+
+
+def test_shared_prompt_refuses_gradient_checkpointing():
+    model = tiny_llama().train()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.tensor([[1, 5, 9]])
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        grpo.shared_prompt_logprobs(model, ids, torch.ones_like(ids), torch.tensor([0, 0]),
+                                    torch.tensor([[4, 2], [6, 2]]), torch.ones(2, 2, dtype=torch.long))
 
 
 def test_rows_stop_independently_and_eos_is_trained_once():

@@ -263,6 +263,42 @@ def test_resume_without_a_checkpoint_is_an_error(tiny_model_dir, tmp_path):
                        check=True, capture_output=True)
 
 
+def shared_vs_plain_on_two_ranks(rank, model_dir, store, results):
+    """One of two ranks: score the same rollout with and without shared prompts, in micro-batches that
+    split a group, under FSDP2; record the largest log-prob and (full, reduced) gradient differences."""
+    l2a.dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    cfg = l2a.load_config(ROOT / "config.toml", ["model.dtype='float32'"])
+    model = l2a.load_model(model_dir, cfg, torch.device("cpu"))
+    prompts = [[[1, 5, 9, 13, 17, 21, 30], [1, 40]], [[1, 7, 7, 60, 3], [1, 8, 9]]][rank]
+    with l2a.gathered(model):
+        rollout = grpo.sample(model, prompts, 3, 10, [2], 2, temperature=1.5, seeds=[rank * 6 + i for i in range(6)])
+    weights = rollout.completion_mask * torch.linspace(-1, 1, 6)[:, None]
+    scored = {}
+    for share in (False, True):
+        model.zero_grad()
+        logps = []
+        for rows in (slice(0, 4), slice(4, 6)):  # prompt 1's rows land in both micro-batches
+            lp, _ = l2a.score_rows(model, rollout, rows, 3, share, 1.0, 7)
+            (lp * weights[rows, :lp.size(1)]).sum().backward()
+            logps.append(torch.nn.functional.pad(lp.detach(), (0, weights.size(1) - lp.size(1))))
+        scored[share] = (torch.cat(logps) * rollout.completion_mask,
+                         {n: p.grad.full_tensor() for n, p in model.named_parameters()})
+    (plain_lp, plain_grads), (lp, grads) = scored[False], scored[True]
+    Path(results, str(rank)).write_text(json.dumps({
+        "logprob": (lp - plain_lp).abs().max().item(),
+        "grad": max((grads[n] - plain_grads[n]).abs().max().item() for n in grads),
+        "grad_scale": max(g.abs().max().item() for g in plain_grads.values())}))
+    l2a.dist.destroy_process_group()
+
+
+def test_shared_prompts_equal_full_rows_under_fsdp_on_two_ranks(tiny_model_dir, tmp_path):
+    torch.multiprocessing.spawn(shared_vs_plain_on_two_ranks, args=(str(tiny_model_dir), tmp_path / "store", tmp_path),
+                                nprocs=2)
+    for rank in (0, 1):
+        diff = json.loads((tmp_path / str(rank)).read_text())
+        assert diff["logprob"] < 1e-5 and diff["grad"] < 1e-5 and diff["grad_scale"] > 1e-2, diff
+
+
 def count_gathers_while_sampling(rank, model_dir, store, results):
     """One of two ranks: count FSDP2's all-gathers while sampling, with and without gathered()."""
     from torch.distributed.fsdp._fully_shard import _fsdp_param_group  # where FSDP2 calls its all-gather
