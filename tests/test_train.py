@@ -138,8 +138,9 @@ def test_mean_reward_rises_on_a_learnable_toy_reward(tiny_model_dir, tmp_path):
     m = metrics(out)[-1]
     for key in ["reward_std", "reward_length_chars", "loss", "clip_fraction", "approx_kl", "ref_kl", "entropy",
                 "completion_length_mean", "zero_std_group_fraction", "sampled_tokens_per_second", "step_time",
-                "peak_memory_mib", "grad_norm"]:
+                "sampling_time", "update_time", "prompt_tokens", "peak_memory_mib", "grad_norm"]:
         assert key in m and m[key] == m[key], key
+    assert 0 < m["sampling_time"] + m["update_time"] <= m["step_time"] and m["prompt_tokens"] > 4 * 8
     line = json.loads((out / "samples.jsonl").read_text().splitlines()[0])
     assert len(line["completions"]) == 8 and {"response", "reward", "advantage"} <= set(line["completions"][0])
 
