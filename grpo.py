@@ -59,6 +59,17 @@ class Rollout:
     finished: torch.Tensor  # [B] True if the row ended by EOS or a stop string, False if it hit the length cap
 
 
+def left_pad(prompts, pad_token_id):
+    """Token-id lists as one left-padded batch: (ids [N, P], mask [N, P] with 1 on real tokens)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
 def positions_from_mask(attention_mask):
     """Position ids that count only real tokens, so a left-padded row sees the same positions as unpadded."""
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -80,13 +91,7 @@ def sample(model, prompts, group_size, max_new_tokens, eos_token_ids, pad_token_
     """
     device = model.get_input_embeddings().weight.device
     n_rows = len(prompts) * group_size
-    width = max(len(p) for p in prompts)
-    prompt_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-    prompt_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        prompt_ids[i, width - len(p):] = torch.tensor(p)
-        prompt_mask[i, width - len(p):] = 1
-    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    prompt_ids, prompt_mask = (x.to(device) for x in left_pad(prompts, pad_token_id))
     if seeds is None:
         seeds = torch.randint(2**62, (n_rows,)).tolist()
     generators = [torch.Generator().manual_seed(s) for s in seeds]

@@ -628,7 +628,7 @@ def train_step(model, reference, optimizer, tokenizer, samples, prompt_ids, cfg,
     normalizer = grpo.loss_normalizer(mask, g["aggregation"], g["max_new_tokens"])
     dist.all_reduce(normalizer)
     batches = [slice(i, i + t["micro_batch_size"]) for i in range(0, len(mask), t["micro_batch_size"])]
-    old_logprobs, grad_norm, fault = {}, None, None
+    old_logprobs, ref_logprobs, grad_norm, fault = {}, {}, None, None
     totals = {"prompt_tokens": result.prompt_mask[::G].sum().item()}  # each prompt once, as the trainer runs it
     # No trained token on any rank (every reward missing, or no group with two valid ones): no update, since
     # a step on a 0/0 loss would write NaN into the weights.
@@ -643,16 +643,18 @@ def train_step(model, reference, optimizer, tokenizer, samples, prompt_ids, cfg,
                 old_logprobs[b.start] = logprobs.detach()
                 add(totals, first_update_tokens=m.sum().item(), entropy=(entropy * m).sum().item(),
                     sampler_gap=((logprobs.detach() - result.logprobs[b, :width]).abs() * m).sum().item())
-            ref = None
-            if reference is not None:
-                with torch.no_grad():
-                    ref, _ = score_rows(reference, result, b, G, share, g["temperature"] or 1.0, g["logprob_chunk"])
+                if reference is not None:  # frozen: the same for every update
+                    with torch.no_grad():
+                        ref_logprobs[b.start], _ = score_rows(reference, result, b, G, share, g["temperature"] or 1.0,
+                                                              g["logprob_chunk"])
             loss, stats = grpo.policy_loss(logprobs, old_logprobs[b.start], advantages[b], m, normalizer,
-                                           g["aggregation"], g["clip_low"], g["clip_high"], ref, g["kl_coef"])
+                                           g["aggregation"], g["clip_low"], g["clip_high"], ref_logprobs.get(b.start),
+                                           g["kl_coef"])
             loss.backward()
             add(totals, loss=loss.item(), **stats)
             update_loss += loss.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
         fault = nonfinite(update_loss, grad_norm)
         if fault:  # one NaN written into the weights ruins every later step: drop this batch instead
             optimizer.zero_grad(set_to_none=True)
@@ -696,8 +698,7 @@ def train_step(model, reference, optimizer, tokenizer, samples, prompt_ids, cfg,
         **({"ref_kl": totals["ref_kl"] / tokens} if "ref_kl" in totals else {}),
         "entropy": totals.get("entropy", 0.0) / first_update_tokens,  # measured in the first update only
         "sampler_trainer_logprob_gap": totals.get("sampler_gap", 0.0) / first_update_tokens,
-        "grad_norm": None if grad_norm is None or fault else
-        grad_norm.full_tensor().item() if hasattr(grad_norm, "full_tensor") else grad_norm.item(),
+        "grad_norm": None if grad_norm is None or fault else grad_norm.item(),
         "prompt_tokens": totals["prompt_tokens"],  # all ranks, each prompt counted once
         "completion_length_mean": sum(r["length"] for r in rows) / len(rows),
         "completion_length_max": max(r["length"] for r in rows),
@@ -753,8 +754,7 @@ def nonfinite(loss, grad_norm):
     gradient norm is already global; the loss is summed over ranks so that every rank decides alike."""
     loss = torch.tensor(loss, dtype=torch.float64)
     dist.all_reduce(loss)
-    norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    return "loss" if not loss.isfinite() else "grad_norm" if not norm.isfinite() else None
+    return "loss" if not loss.isfinite() else "grad_norm" if not grad_norm.isfinite() else None
 
 
 def add(totals, **values):

@@ -48,7 +48,9 @@ def test_sampler_logprobs_equal_trainer_logprobs():
 
 def test_truncated_bf16_sampling_never_gives_the_trainer_an_impossible_token():
     """In bf16 the cached decode and the full forward differ in the last bits, enough to move a token across
-    the top-k / top-p boundary; scored under a recomputed truncation it would get log-prob -inf."""
+    the top-k / top-p boundary; scored under a recomputed truncation it would get log-prob -inf. Both sides
+    score the untruncated policy instead: finite, and equal up to bf16 noise (the sampler's old truncated
+    log-probs were off by more than 0.1 here)."""
     model = tiny_llama(seed=3, vocab_size=512).to(torch.bfloat16)
     prompts = [[1 + (7 * i + j) % 500 for j in range(5 + 3 * i)] for i in range(8)]
     rollout = grpo.sample(model, prompts, group_size=8, max_new_tokens=24, eos_token_ids=[2], pad_token_id=2,

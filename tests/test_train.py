@@ -94,7 +94,11 @@ def bad_input_cases(tmp_path, model_dir):
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_first_mistakes_are_one_clear_line(tiny_model_dir, tmp_path, mode, capsys):
+def test_first_mistakes_are_one_clear_line(tiny_model_dir, tmp_path, mode, capsys, monkeypatch):
+    def no_model_yet(*args, **kwargs):
+        raise AssertionError("a model was loaded before the mistake was reported")
+
+    monkeypatch.setattr(l2a, "load_model", no_model_yet)
     for name, sections, message in bad_input_cases(tmp_path, tiny_model_dir):
         if mode == "eval" and name == "no data file":
             continue  # --eval reads only the test split
@@ -103,7 +107,7 @@ def test_first_mistakes_are_one_clear_line(tiny_model_dir, tmp_path, mode, capsy
             l2a.main(["--config", str(config)] + (["--eval"] if mode == "eval" else []))
         said = str(exit.value.code)  # sys.exit(text) prints text to stderr and exits with status 1
         assert said.startswith("error: ") and message in said and "\n" not in said, (name, said)
-        assert "rank(s) on" not in capsys.readouterr().out, name  # it stopped before loading a model
+        assert "rank(s) on" not in capsys.readouterr().out, name  # and printed nothing of a started run
 
 
 def test_a_bad_data_line_exits_non_zero_with_one_line(tiny_model_dir, tmp_path):
@@ -191,8 +195,7 @@ def test_a_nonfinite_loss_never_reaches_the_weights(tiny_model_dir, tmp_path):
 
 
 def test_nonfinite_names_the_quantity():
-    if not l2a.dist.is_initialized():
-        l2a.dist.init_process_group("gloo", store=l2a.dist.HashStore(), rank=0, world_size=1)
+    l2a.setup_distributed()  # a one-process group, as plain `python l2a.py` gets
     assert l2a.nonfinite(0.5, torch.tensor(1.0)) is None
     assert l2a.nonfinite(float("nan"), torch.tensor(1.0)) == "loss"
     assert l2a.nonfinite(0.5, torch.tensor(float("inf"))) == "grad_norm"
@@ -218,7 +221,7 @@ def test_evaluation_prompts_are_spread_evenly(monkeypatch):
         shares.append(l2a.my_share(20))
     assert [len(s) for s in shares] == [2, 3, 2, 3, 2, 3, 2, 3]
     assert [i for s in shares for i in s] == list(range(20))
-    assert [list(shares[r]) for r in range(8)][:2] == [[0, 1], [2, 3, 4]]
+    assert list(shares[0]) == [0, 1] and list(shares[1]) == [2, 3, 4]
 
 
 def test_checkpoint_loads_in_transformers_with_tied_embeddings(tiny_model_dir, tmp_path):
@@ -233,8 +236,7 @@ def test_checkpoint_loads_in_transformers_with_tied_embeddings(tiny_model_dir, t
 
 def test_tied_embeddings_stay_one_parameter_under_fsdp(tiny_model_dir):
     cfg = l2a.load_config(ROOT / "config.toml")
-    if not l2a.dist.is_initialized():
-        l2a.dist.init_process_group("gloo", store=l2a.dist.HashStore(), rank=0, world_size=1)
+    l2a.setup_distributed()  # a one-process group, as plain `python l2a.py` gets
     model = l2a.load_model(str(tiny_model_dir), cfg, torch.device("cpu"))
     assert model.lm_head.weight is model.model.embed_tokens.weight
     ids = torch.randint(0, 1000, (2, 6))
