@@ -24,6 +24,7 @@ import re
 import sqlite3
 import threading
 import time
+import urllib.parse
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from email.utils import parsedate_to_datetime
@@ -139,6 +140,8 @@ class JudgeClient:
 
     def __init__(self, cfg: dict, remember: bool = True):
         self.remember = remember  # False: always ask the server (calibration measures its noise)
+        if urllib.parse.urlsplit(cfg["base_url"]).scheme not in ("http", "https"):
+            raise ValueError(f"judge.base_url = {cfg['base_url']!r}: only http:// and https:// URLs are allowed")
         self.url = cfg["base_url"].rstrip("/") + "/chat/completions"
         self.model, self.temperature, self.max_tokens = cfg["model"], cfg["temperature"], cfg["max_tokens"]
         self.timeout, self.max_retries, self.backoff = cfg["timeout"], cfg["max_retries"], cfg["backoff"]

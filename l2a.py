@@ -15,6 +15,7 @@ import math
 import os
 import resource
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -58,7 +60,9 @@ DEFAULTS = {
         "grad_clip": 1.0,
         "seed": 0,
         "output_dir": "runs/demo",
-        "save_every": 0,  # steps between checkpoints; the last step is always saved
+        "save_minutes": 10.0,  # a crash loses at most this much training (0: save after every step)
+        "keep_checkpoints": 2,  # the newest complete checkpoints kept; older ones are deleted
+        "max_nonfinite_steps": 3,  # this many skipped non-finite updates in a row stop the run
     },
     "grpo": {
         "group_size": 4,
@@ -195,7 +199,8 @@ def load_model(path, cfg, device, trainable=True):
     attention = "sdpa"
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         attention = "flash_attention_2"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attention)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attention,
+                                                 use_safetensors=True)  # never unpickle weights
     if trainable and cfg["model"]["gradient_checkpointing"]:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.to(device)
@@ -388,38 +393,126 @@ def comparison_table(summaries):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(model, optimizer, tokenizer, step, out_dir):
-    """A Hugging Face model folder plus the sharded optimizer state; trainer_state.json is written last,
-    so a folder without it is an interrupted save and is never resumed from."""
-    path = out_dir / "checkpoints" / f"step_{step}"
-    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    dcp.save(get_optimizer_state_dict(model, optimizer), checkpoint_id=path / "optimizer")
-    if dist.get_rank() == 0:  # the only rank that holds the full weights
-        # Gathered over several ranks, tied parameters come back as separate copies; share them again so
-        # that save_pretrained stores them once and the checkpoint stays tied.
-        names = {}
-        for name, param in model.named_parameters(remove_duplicate=False):
-            names.setdefault(id(param), []).append(name)
-        for first, *tied in names.values():
-            for name in tied:
-                weights[name] = weights[first]
-        model.save_pretrained(path, state_dict=weights)
-        tokenizer.save_pretrained(path)
-        (path / "trainer_state.json").write_text(json.dumps({"step": step}))
+class RunStopped(Exception):
+    """The run stopped itself for a reason it states, keeping (in a checkpoint) every step it trained."""
+
+
+def save_checkpoint(model, optimizer, tokenizer, step, trainer_state, out_dir, keep):
+    """checkpoints/step_N: a Hugging Face model folder (safetensors), the sharded optimizer state (DCP),
+    each rank's random generator state and trainer_state.json. Everything is written into step_N.partial,
+    flushed to disk, then renamed: a folder named step_N is always complete, and a save that dies half way
+    (killed, disk full) leaves the previous checkpoint as it was. Then only the newest `keep` remain."""
+    root, rank = out_dir / "checkpoints", dist.get_rank()
+    final, partial = root / f"step_{step}", root / f"step_{step}.partial"
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
     dist.barrier()
-    return path
+    error = None
+    try:
+        partial.mkdir(parents=True, exist_ok=True)
+        weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        dcp.save(get_optimizer_state_dict(model, optimizer), checkpoint_id=partial / "optimizer")  # fsyncs its files
+        rng = {"torch": torch.get_rng_state().tolist()}  # plain JSON: nothing to unpickle on resume
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state().tolist()
+        (partial / f"rng_rank{rank}.json").write_text(json.dumps(rng))
+        fsync(partial / f"rng_rank{rank}.json")
+        if rank == 0:  # the only rank that holds the full weights
+            # Gathered over several ranks, tied parameters come back as separate copies; share them again so
+            # that save_pretrained stores them once and the checkpoint stays tied.
+            names = {}
+            for name, param in model.named_parameters(remove_duplicate=False):
+                names.setdefault(id(param), []).append(name)
+            for first, *tied in names.values():
+                for name in tied:
+                    weights[name] = weights[first]
+            model.save_pretrained(partial, state_dict=weights)
+            tokenizer.save_pretrained(partial)
+            (partial / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}))
+            for path in partial.iterdir():
+                if path.is_file():
+                    fsync(path)
+    except (Exception, CheckpointException) as e:  # DCP raises CheckpointException on every rank when one fails
+        error = e  # any failure (a full disk: OSError, or safetensors' own error): every rank must hear of it
+    [failed] = any_rank(error is not None)
+    if failed:
+        reason = failure_reason(error, root)
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)  # room for the next try; the previous checkpoint stays
+        dist.barrier()
+        previous = latest_checkpoint(out_dir)
+        raise RunStopped(f"could not write checkpoint {final}: {reason}. "
+                         + (f"The previous checkpoint {previous} is intact; make room, then continue with --resume."
+                            if previous else "There is no earlier checkpoint; make room, then start again."))
+    if rank == 0:
+        if final.exists():  # left by an earlier run into the same output_dir
+            shutil.rmtree(final)
+        partial.rename(final)
+        fsync(root)  # the rename itself
+        for old in complete_checkpoints(out_dir)[:-keep]:
+            shutil.rmtree(old)
+    dist.barrier()
+    return final
+
+
+def fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def failure_reason(error, folder):
+    """One line for a failed save. A full file system is named as such: torch's own writers (DCP's among
+    them) report it in words of their own. Else the OS's words, found inside DCP's wrapper."""
+    if shutil.disk_usage(folder).free < 2**20:
+        return "No space left on device"
+    if isinstance(error, CheckpointException):
+        errors = [e for e, _ in error.failures.values()]
+        error = next((e for e in errors if isinstance(e, OSError)), errors[0] if errors else error)
+    if error is None:
+        return "another rank failed to write its part"
+    return error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
+
+
+def complete_checkpoints(out_dir):
+    """The complete checkpoints, oldest first (step_N.partial is a save that never finished)."""
+    found = [p for p in (out_dir / "checkpoints").glob("step_*")
+             if p.name[5:].isdigit() and (p / "trainer_state.json").exists()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
 
 
 def latest_checkpoint(out_dir):
-    done = [p for p in (out_dir / "checkpoints").glob("step_*") if (p / "trainer_state.json").exists()]
-    return max(done, key=lambda p: int(p.name.split("_")[1]), default=None)
+    return (complete_checkpoints(out_dir) or [None])[-1]
+
+
+def load_trainer_state(checkpoint, optimizer, model):
+    """Restore the optimizer and this rank's random generators from `checkpoint`; returns trainer_state."""
+    state = get_optimizer_state_dict(model, optimizer)
+    dcp.load(state, checkpoint_id=checkpoint / "optimizer")
+    set_optimizer_state_dict(model, optimizer, state)
+    rng_file = checkpoint / f"rng_rank{dist.get_rank()}.json"
+    if rng_file.exists():  # absent when resuming on more ranks than saved: those start from the seed
+        rng = json.loads(rng_file.read_text())
+        torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(torch.tensor(rng["cuda"], dtype=torch.uint8))
+    return json.loads((checkpoint / "trainer_state.json").read_text())
 
 
 def keep_lines_up_to(path, step):
-    """Drop log lines written after the checkpoint a run resumes from, so each step appears once."""
+    """Drop log lines written after the checkpoint a run resumes from, so each step appears once, and a
+    last line that a kill cut short."""
     if path.exists():
-        lines = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= step]
-        path.write_text("".join(lines))
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line + "\n")
+            except json.JSONDecodeError:
+                pass
+        path.write_text("".join(kept))
 
 
 # ----------------------------------------------------------------------------- training
@@ -450,6 +543,14 @@ def read_split(cfg, key):
         raise BadInput(str(e)) from None
 
 
+def learn_to_ask_reward(cfg):
+    """The judge of cfg["judge"]; a judge setting that cannot work (a bad URL, an unset key) is a BadInput."""
+    try:
+        return judge.make_reward_fn(cfg["judge"])
+    except ValueError as e:
+        raise BadInput(str(e)) from None
+
+
 def check_writable(folder):
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -475,8 +576,10 @@ def train(cfg, resume=False, reward_fn=None, rollout_metrics=None):
     t, g = cfg["train"], cfg["grpo"]
     if t["prompts_per_step"] % world:
         raise BadInput(f"train.prompts_per_step={t['prompts_per_step']} must divide by the {world} ranks")
+    if t["keep_checkpoints"] < 1:
+        raise BadInput(f"train.keep_checkpoints = {t['keep_checkpoints']}: keep at least the newest one")
     if reward_fn is None:
-        reward_fn, rollout_metrics = judge.make_reward_fn(cfg["judge"]), judge.rollout_metrics
+        reward_fn, rollout_metrics = learn_to_ask_reward(cfg), judge.rollout_metrics
     rollout_metrics = rollout_metrics or numeric_fields
     torch.manual_seed(t["seed"])
     out_dir = Path(t["output_dir"])
@@ -489,18 +592,18 @@ def train(cfg, resume=False, reward_fn=None, rollout_metrics=None):
     if resume and checkpoint is None:
         raise BadInput(f"--resume: no complete checkpoint under {out_dir / 'checkpoints'}")
     if checkpoint:
-        start_step, model_path = json.loads((checkpoint / "trainer_state.json").read_text())["step"], str(checkpoint)
+        model_path = str(checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = load_model(model_path, cfg, device)
     reference = load_model(base_path, cfg, device, trainable=False) if g["kl_coef"] > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
-    if checkpoint:
-        state = get_optimizer_state_dict(model, optimizer)
-        dcp.load(state, checkpoint_id=checkpoint / "optimizer")
-        set_optimizer_state_dict(model, optimizer, state)
+    state = load_trainer_state(checkpoint, optimizer, model) if checkpoint else {"step": 0}
+    start_step = state["step"]
     train_samples, train_ids = load_split(cfg, "train_file", train_raw, tokenizer)
     test_samples, test_ids = load_split(cfg, "test_file", test_raw, tokenizer, cfg["eval"]["prompts"])
     if rank == 0:
+        for stale in (out_dir / "checkpoints").glob("*.partial"):  # saves that were killed half way
+            shutil.rmtree(stale)
         (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
         keep_lines_up_to(out_dir / "metrics.jsonl", start_step)
         keep_lines_up_to(out_dir / "samples.jsonl", start_step)
@@ -519,31 +622,53 @@ def train(cfg, resume=False, reward_fn=None, rollout_metrics=None):
         if rank == 0:
             log(out_dir, before)
     per_rank = t["prompts_per_step"] // world
-    recent = deque(maxlen=cfg["judge"]["missing_window"])  # (missing rewards, rollouts) of recent steps
+    # (missing rewards, rollouts) of recent steps, and the current run of skipped non-finite updates
+    recent = deque(state.get("recent_missing", []), maxlen=cfg["judge"]["missing_window"])
+    streak, done, saved = state.get("nonfinite_streak", 0), start_step, {"step": start_step, "at": time.monotonic()}
+
+    def save():
+        path = save_checkpoint(model, optimizer, tokenizer, done, {"nonfinite_streak": streak,
+                                                                   "recent_missing": list(recent)},
+                               out_dir, t["keep_checkpoints"])
+        saved.update(step=done, at=time.monotonic())
+        return path
+
     bar = tqdm(range(start_step, t["steps"]), initial=start_step, total=t["steps"], disable=rank != 0,
                desc="train")
-    for step in bar:
-        metrics = train_step(model, reference, optimizer, tokenizer, train_samples, train_ids, cfg, reward_fn,
-                             step, per_rank, device, out_dir)
-        done = step + 1
-        if done == t["steps"] or (cfg["eval"]["every"] and done % cfg["eval"]["every"] == 0):
-            metrics.update(evaluate_at(done))
-        if rank == 0:
-            log(out_dir, metrics)
-            bar.set_postfix(progress_numbers(metrics))
-            if "nonfinite" in metrics:
-                tqdm.write(f"step {done}: non-finite {metrics['nonfinite']}, update skipped; prompts "
-                           f"{', '.join(map(str, metrics['nonfinite_cids']))}")
-        recent.append((metrics["reward_missing"], metrics["rollouts"]))
-        missing = sum(m for m, _ in recent) / sum(n for _, n in recent)
-        if missing > cfg["judge"]["max_missing_fraction"]:
-            path = save_checkpoint(model, optimizer, tokenizer, done, out_dir)
-            raise MissingRewards(f"the judge gave no reward for {missing:.0%} of the rollouts of the last "
-                                 f"{len(recent)} step(s), over judge.max_missing_fraction = "
-                                 f"{cfg['judge']['max_missing_fraction']}. Saved {path}; fix the judge, then "
-                                 f"continue with --resume.")
-        if done == t["steps"] or (t["save_every"] and done % t["save_every"] == 0):
-            save_checkpoint(model, optimizer, tokenizer, done, out_dir)
+    with stop_on_signals() as signalled:
+        try:
+            for step in bar:
+                # Raises StopTraining before its update when too many rewards are missing: nothing of it is kept.
+                metrics = train_step(model, reference, optimizer, tokenizer, train_samples, train_ids, cfg,
+                                     reward_fn, step, per_rank, device, out_dir, recent)
+                done = step + 1
+                streak = streak + 1 if "nonfinite" in metrics else 0
+                if done == t["steps"] or (cfg["eval"]["every"] and done % cfg["eval"]["every"] == 0):
+                    metrics.update(evaluate_at(done))
+                if rank == 0:
+                    log(out_dir, metrics)
+                    bar.set_postfix(progress_numbers(metrics))
+                    if "nonfinite" in metrics:
+                        tqdm.write(f"step {done}: non-finite {metrics['nonfinite']}, update skipped; prompts "
+                                   f"{', '.join(map(str, metrics['nonfinite_cids']))}")
+                if streak >= t["max_nonfinite_steps"]:
+                    raise StopTraining(f"{streak} steps in a row (to step {done}) had a non-finite loss or gradient "
+                                       f"norm (train.max_nonfinite_steps = {t['max_nonfinite_steps']}); their "
+                                       f"updates were skipped, so the weights are the last good ones")
+                # Every rank must take these decisions together: a save is a collective.
+                stop, due = any_rank(signalled, time.monotonic() - saved["at"] >= 60 * t["save_minutes"])
+                if done == t["steps"] or stop or due:
+                    path = save()
+                if stop and done < t["steps"]:
+                    if rank == 0:
+                        why = signalled[0] if signalled else "a signal to another rank"
+                        tqdm.write(f"stopped after step {done} of {t['steps']} ({why}) and saved {path}; "
+                                   f"run the same command with --resume to continue")
+                    return out_dir
+        except StopTraining as e:
+            path = save() if done > saved["step"] else latest_checkpoint(out_dir)
+            raise RunStopped(f"{e}. " + (f"Saved {path} (step {done}); fix the cause, then continue with --resume."
+                                         if path else "No step was trained, so there is nothing to resume.")) from None
 
     if rank == 0:
         summaries = {f"step_{s}": json.loads((out_dir / "eval" / f"step_{s}" / "metrics.json").read_text())
@@ -569,6 +694,8 @@ CURVES = [  # (panel title, metrics.jsonl keys drawn in it)
 
 def plot_curves(run_dir):
     """Draw run_dir/metrics.jsonl into run_dir/curves.png, one panel per CURVES entry; returns the path."""
+    # matplotlib keeps a font cache in ~/.cache unless told otherwise; a run writes only under its folder
+    os.environ.setdefault("MPLCONFIGDIR", str(Path(run_dir) / ".matplotlib"))
     import matplotlib
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
@@ -591,8 +718,39 @@ def plot_curves(run_dir):
     return path
 
 
-class MissingRewards(RuntimeError):
-    """Too many judge failures: training on what is left would follow a biased, thin signal."""
+class StopTraining(Exception):
+    """A reason to stop training that every rank has agreed on; train() saves what was trained, then stops."""
+
+
+def any_rank(*flags):
+    """Each flag, true if it is true on any rank: for decisions that every rank must take together."""
+    values = torch.tensor([float(bool(f)) for f in flags])
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values.bool().tolist()
+
+
+@contextmanager
+def stop_on_signals():
+    """SIGTERM (what a scheduler sends before it preempts a job) or SIGINT (Ctrl-C) asks the run to finish
+    its step, save and exit with status 0; yields a list that holds the signal's name once one came. A
+    second signal exits at once: the newest complete checkpoint is safe, since saves are atomic."""
+    received = []
+
+    def handle(signum, frame):
+        if received:
+            os._exit(128 + signum)
+        received.append(signal.Signals(signum).name)
+        # os.write, not print: the handler may run while the progress bar is in the middle of a write
+        # to stderr, and a buffered stream refuses to be entered twice.
+        os.write(2, f"\n{received[0]}: finishing this step, then saving and stopping (again to stop at once)\n"
+                    .encode())
+
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def log(out_dir, metrics):
@@ -601,7 +759,9 @@ def log(out_dir, metrics):
 
 
 def train_step(model, reference, optimizer, tokenizer, samples, prompt_ids, cfg, reward_fn, step, per_rank,
-               device, out_dir):
+               device, out_dir, recent):
+    """One GRPO step on this rank's share of the step's prompts; returns its metrics. `recent` holds the
+    (missing rewards, rollouts) of recent steps, all ranks together; this step's are appended."""
     t, g = cfg["train"], cfg["grpo"]
     rank, G = dist.get_rank(), g["group_size"]
     started = time.perf_counter()
@@ -617,6 +777,16 @@ def train_step(model, reference, optimizer, tokenizer, samples, prompt_ids, cfg,
     scores = reward_fn(row_samples, responses)
     judge_stats = reward_fn.drain_stats() if hasattr(reward_fn, "drain_stats") else {}
     rewards = torch.tensor([math.nan if s["reward"] is None else s["reward"] for s in scores])
+    # Too many missing (the judge is down, not just failing now and then): stop before this batch trains
+    # anything, so that --resume, once the judge is back, redoes the step as if it had never gone away.
+    counts = torch.tensor([rewards.isnan().sum().item(), len(rewards)], dtype=torch.float64)
+    dist.all_reduce(counts)
+    window = [*recent, counts.tolist()][-recent.maxlen:]
+    missing = sum(m for m, _ in window) / sum(n for _, n in window)
+    if missing > cfg["judge"]["max_missing_fraction"]:
+        raise StopTraining(f"the judge gave no reward for {missing:.0%} of the rollouts of the last {len(window)} "
+                           f"step(s), over judge.max_missing_fraction = {cfg['judge']['max_missing_fraction']}")
+    recent.append(counts.tolist())
     advantages = grpo.group_advantages(rewards, G, g["scale_by_std"]).to(device)
     mask = result.completion_mask * grpo.trained_rows(rewards, G).to(device)[:, None]
     # One prompt pass per group instead of G (grpo.shared_prompt_logprobs), unless there is nothing to
@@ -766,7 +936,7 @@ def evaluate_models(cfg, checkpoints):
     """--eval: each model (a checkpoint folder, or "base" for model.path) on the test split with the
     evaluation protocol; per-model metrics and rollouts under output_dir/eval/<name>/, and one table."""
     device = setup_distributed()
-    reward_fn = judge.make_reward_fn(cfg["judge"])
+    reward_fn = learn_to_ask_reward(cfg)
     out_dir = Path(cfg["train"]["output_dir"]) / "eval"
     test_raw = read_split(cfg, "test_file")
     check_writable(out_dir)
@@ -812,7 +982,7 @@ def main(argv=None):
         sys.exit(f"config error: {e}")
     try:
         evaluate_models(cfg, args.checkpoint) if args.eval else train(cfg, resume=args.resume)
-    except MissingRewards as e:
+    except RunStopped as e:
         sys.exit(f"stopped: {e}")
     except BadInput as e:
         sys.exit(f"error: {e}")

@@ -303,23 +303,6 @@ def test_training_run_with_the_llama_cpp_judge(llama_server, tiny_model_dir, tmp
     assert not [text for text in written if KEY in text]
 
 
-def test_training_stops_cleanly_with_a_checkpoint_when_the_judge_stays_down(tiny_model_dir, tmp_path):
-    out = tmp_path / "run"
-    nobody_there = f"http://127.0.0.1:{free_port()}/v1"
-    path = write_config(tmp_path / "config.toml", tiny_model_dir, out,
-                        train={"steps": 3, "prompts_per_step": 4, "micro_batch_size": 8},
-                        grpo={"group_size": 2, "max_new_tokens": 6}, eval={"prompts": 1, "samples": 1, "max_new_tokens": 6},
-                        judge=config(nobody_there, max_retries=1, missing_window=2))
-    run = subprocess.run([sys.executable, str(ROOT / "l2a.py"), "--config", str(path)], capture_output=True,
-                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert run.returncode == 1
-    assert "stopped: the judge gave no reward" in run.stderr and "--resume" in run.stderr
-    step = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
-    assert step["step"] == 1 and step["reward_missing"] / step["rollouts"] > 0.2 and step["judge_failures"] > 0
-    assert (out / "checkpoints/step_1/trainer_state.json").exists(), "the stop leaves a resumable checkpoint"
-    assert not (out / "checkpoints/step_2").exists()
-
-
 def test_calibration_asks_the_http_judge_every_time():
     responses = ["Where does it hurt? A) ear B) jaw", GENERIC]
     with FaultyJudge() as server:

@@ -25,5 +25,7 @@ if __name__ == "__main__":
     try:
         l2a.train(l2a.load_config(sys.argv[1]), resume="--resume" in sys.argv,
                   reward_fn=one_infinite if "--inf-reward" in sys.argv else vowel_share)
+    except l2a.RunStopped as e:  # as l2a.main says it
+        sys.exit(f"stopped: {e}")
     finally:
         l2a.dist.destroy_process_group()
