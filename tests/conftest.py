@@ -1,5 +1,6 @@
 import importlib.util
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -21,6 +22,12 @@ def tiny_llama(seed=0, vocab_size=96, tie=True):
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                          tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=2)
     return LlamaForCausalLM(config).eval()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT
+from conftest import ROOT, free_port
 from judge_server import FaultyJudge
-from test_judge_http import KEY, KEY_ENV, config as judge_config, free_port
+from test_judge_http import KEY, KEY_ENV, config as judge_config
 from test_train import TOY_RUN, metrics, weights, write_config
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", KEY_ENV: KEY}  # the judge's key, planted to be looked for

@@ -7,7 +7,6 @@ import email.utils
 import importlib.util
 import json
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 import judge
-from conftest import FIXTURES, ROOT
+from conftest import FIXTURES, ROOT, free_port
 from judge import JudgeClient, fuse, grader_messages, make_reward_fn
 from judge_server import FaultyJudge
 from l2a import DEFAULTS
@@ -50,12 +49,6 @@ def config(url, **overrides):
 
 def chat(text):
     return [{"role": "user", "content": text}]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- faults, one at a time

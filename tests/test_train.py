@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import grpo
 import l2a
-from conftest import ROOT
+from conftest import ROOT, free_port, tiny_llama
 
 TOY_RUN = ROOT / "tests" / "toy_run.py"
 
@@ -172,6 +173,28 @@ def test_two_ranks_train_exactly_like_one(tiny_model_dir, tmp_path):
         assert (w1[k] - initial[k]).abs().max() > 1e-3, k
 
 
+def test_two_launchers_as_two_nodes_train_and_resume_like_one_launcher(tiny_model_dir, tmp_path):
+    """The README's multi-node command, with node 0's address replaced by loopback: two torchrun launchers
+    of one process each meet through c10d rendezvous, train a step, and a second pair resumes for another;
+    the weights equal one launcher's two processes (float sums may differ in the last bits)."""
+    single, nodes = tmp_path / "single", tmp_path / "nodes"
+    run(write_config(tmp_path / "single.toml", tiny_model_dir, single), 2)
+    for steps, resume in ((1, []), (2, ["--resume"])):
+        config = write_config(tmp_path / "nodes.toml", tiny_model_dir, nodes, train={"steps": steps})
+        port = free_port()
+        launchers = [subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+             "--node_rank", str(node), "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
+             str(TOY_RUN), str(config), *resume], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"}) for node in (0, 1)]
+        outputs = [launcher.communicate(timeout=600)[0] for launcher in launchers]
+        assert [launcher.returncode for launcher in launchers] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert [m["reward_mean"] for m in metrics(nodes)] == [m["reward_mean"] for m in metrics(single)]
+    a, b = weights(single / "checkpoints/step_2"), weights(nodes / "checkpoints/step_2")
+    for k in a:
+        assert (a[k] - b[k]).abs().max() < 1e-6, k
+
+
 def test_truncated_sampling_in_bf16_trains_finite_weights(tiny_model_dir, tmp_path):
     """top-k and top-p in training, in bf16: every step updates and no weight turns non-finite. (With the
     truncation recomputed by the trainer, this very run scored a sampled token -inf and its weights went NaN.)"""
@@ -233,6 +256,40 @@ def test_checkpoint_loads_in_transformers_with_tied_embeddings(tiny_model_dir, t
     initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert not torch.allclose(model.lm_head.weight, initial.lm_head.weight)
     assert AutoTokenizer.from_pretrained(out / "checkpoints/step_2").chat_template
+
+
+def load_on_two_ranks(rank, folders, store, results):
+    """One of two ranks: load each folder with l2a.load_model (meta device, then this rank's rows of each
+    weight) and record the largest difference of every weight and buffer from Transformers' own loading."""
+    l2a.dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    cfg = l2a.load_config(ROOT / "config.toml")
+    report = {}
+    for folder in folders:
+        model = l2a.load_model(folder, cfg, torch.device("cpu"))
+        loaded = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        expected = {**reference.state_dict(), **dict(reference.named_buffers())}
+        loaded.update(dict(model.named_buffers()))
+        report[folder] = {"keys": sorted(loaded) == sorted(expected),
+                          "tied": model.lm_head.weight is model.model.embed_tokens.weight,
+                          "diff": max((loaded[k] - expected[k]).abs().max().item() for k in expected)}
+    Path(results, str(rank)).write_text(json.dumps(report))
+    l2a.dist.destroy_process_group()
+
+
+def test_each_rank_loads_only_its_shards_and_gets_exactly_the_weights(tmp_path):
+    """A tied model with a vocabulary that does not split evenly over 2 ranks, and an untied one stored in
+    bf16 over several safetensors files (an index, as hub models are): weights and buffers (the rotary
+    table) equal Transformers' from_pretrained exactly."""
+    tied, untied = str(tmp_path / "tied"), str(tmp_path / "untied")
+    tiny_llama(vocab_size=97).save_pretrained(tied)
+    tiny_llama(vocab_size=97, tie=False).to(torch.bfloat16).save_pretrained(untied, max_shard_size="20KB")
+    assert (Path(untied) / "model.safetensors.index.json").exists()
+    torch.multiprocessing.spawn(load_on_two_ranks, args=([tied, untied], tmp_path / "store", tmp_path), nprocs=2)
+    for rank in (0, 1):
+        report = json.loads((tmp_path / str(rank)).read_text())
+        assert report[tied] == {"keys": True, "tied": True, "diff": 0.0}, report
+        assert report[untied] == {"keys": True, "tied": False, "diff": 0.0}, report
 
 
 def test_tied_embeddings_stay_one_parameter_under_fsdp(tiny_model_dir):
