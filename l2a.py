@@ -29,9 +29,10 @@ import safetensors
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import HuggingFaceStorageWriter
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -455,7 +456,9 @@ class RunStopped(Exception):
 
 def save_checkpoint(model, optimizer, tokenizer, step, trainer_state, out_dir, keep):
     """checkpoints/step_N: a Hugging Face model folder (safetensors), the sharded optimizer state (DCP),
-    each rank's random generator state and trainer_state.json. Everything is written into step_N.partial,
+    each rank's random generator state and trainer_state.json. No rank gathers the model: every rank
+    writes its own shards, and DCP then stitches them into one safetensors file a tensor at a time.
+    Everything is written into step_N.partial,
     flushed to disk, then renamed: a folder named step_N is always complete, and a save that dies half way
     (killed, disk full) leaves the previous checkpoint as it was. Then only the newest `keep` remain."""
     root, rank = out_dir / "checkpoints", dist.get_rank()
@@ -466,26 +469,24 @@ def save_checkpoint(model, optimizer, tokenizer, step, trainer_state, out_dir, k
     error = None
     try:
         partial.mkdir(parents=True, exist_ok=True)
-        weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        named = dict(model.named_parameters()) | dict(model.named_buffers())  # a tied weight once
+        weights = {name: w for name, w in get_model_state_dict(model).items() if name in named}
+        dcp.save(weights, storage_writer=HuggingFaceStorageWriter(str(partial), save_distributed=True,
+                                                                  enable_consolidation=True))
         dcp.save(get_optimizer_state_dict(model, optimizer), checkpoint_id=partial / "optimizer")  # fsyncs its files
         rng = {"torch": torch.get_rng_state().tolist()}  # plain JSON: nothing to unpickle on resume
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state().tolist()
         (partial / f"rng_rank{rank}.json").write_text(json.dumps(rng))
         fsync(partial / f"rng_rank{rank}.json")
-        if rank == 0:  # the only rank that holds the full weights
-            # Gathered over several ranks, tied parameters come back as separate copies; share them again so
-            # that save_pretrained stores them once and the checkpoint stays tied.
-            names = {}
-            for name, param in model.named_parameters(remove_duplicate=False):
-                names.setdefault(id(param), []).append(name)
-            for first, *tied in names.values():
-                for name in tied:
-                    weights[name] = weights[first]
-            model.save_pretrained(partial, state_dict=weights)
+        if rank == 0:
+            shutil.rmtree(partial / "sharded")  # the shards, now stitched into the safetensors file
+            model.config.save_pretrained(partial)
+            if model.generation_config is not None:
+                model.generation_config.save_pretrained(partial)
             tokenizer.save_pretrained(partial)
             (partial / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}))
-            for path in partial.iterdir():
+            for path in partial.rglob("*"):
                 if path.is_file():
                     fsync(path)
     except (Exception, CheckpointException) as e:  # DCP raises CheckpointException on every rank when one fails
@@ -816,25 +817,38 @@ def log(out_dir, metrics):
 
 def train_step(model, reference, optimizer, tokenizer, samples, prompt_ids, cfg, reward_fn, step, per_rank,
                device, out_dir, recent):
-    """One GRPO step on this rank's share of the step's prompts; returns its metrics. `recent` holds the
-    (missing rewards, rollouts) of recent steps, all ranks together; this step's are appended."""
-    t, g = cfg["train"], cfg["grpo"]
-    rank, G = dist.get_rank(), g["group_size"]
-    started = time.perf_counter()
-
-    # 1. Rollouts: this rank's share of the step's prompts, G completions each.
+    """One GRPO step on this rank's share of the step's prompts, in its four phases: sample (rollout),
+    score (score_rollouts), update (update_policy), log (log_step). Returns the step's metrics."""
+    t, G = cfg["train"], cfg["grpo"]["group_size"]
+    rank, started = dist.get_rank(), time.perf_counter()
     indices = step_indices(len(samples), step, t["prompts_per_step"], t["seed"])[rank * per_rank:][:per_rank]
     seeds = row_seeds(t["seed"], step, rank * per_rank, per_rank, G)
-    result, responses = rollout(model, tokenizer, [prompt_ids[i] for i in indices], g, seeds, G)
-    sampling_time = time.perf_counter() - started
-
-    # 2. Rewards and advantages. A missing reward (judge failure) is NaN: out of the statistics and the loss.
+    result, responses = rollout(model, tokenizer, [prompt_ids[i] for i in indices], cfg["grpo"], seeds, G)
+    times = {"sampling_time": time.perf_counter() - started}
     row_samples = [samples[i] for i in indices for _ in range(G)]
+    scores, rewards, judge_stats = score_rollouts(reward_fn, row_samples, responses, cfg, recent)
+    updated = time.perf_counter()
+    advantages, totals, grad_norm, fault = update_policy(model, reference, optimizer, result, rewards, cfg)
+    times["update_time"] = time.perf_counter() - updated
+    prompts = [tokenizer.decode(prompt_ids[i]) for i in indices]
+    rows = [{"cid": s["cid"], "prompt": prompts[j // G], "response": r, "advantage": a.item(), "length": n.item(),
+             "finished": f.item(), **grade}
+            for j, (s, r, a, n, f, grade) in enumerate(zip(row_samples, responses, advantages,
+                                                           result.completion_mask.sum(1), result.finished, scores))]
+    totals["prompt_tokens"] = result.prompt_mask[::G].sum().item()  # each prompt once, as the trainer runs it
+    metrics = log_step(step, rows, totals, judge_stats, grad_norm, fault, times, cfg, device, out_dir)
+    return {**metrics, "step_time": time.perf_counter() - started}
+
+
+def score_rollouts(reward_fn, row_samples, responses, cfg, recent):
+    """The rewards of a step's completions: (scores, rewards with NaN where missing, judge counters).
+    `recent` holds the (missing rewards, rollouts) of recent steps, all ranks together; this step's are
+    appended. Too many missing (the judge is down, not just failing now and then): StopTraining before
+    this batch trains anything, so that --resume, once the judge is back, redoes the step as if it had
+    never gone away."""
     scores = reward_fn(row_samples, responses)
     judge_stats = reward_fn.drain_stats() if hasattr(reward_fn, "drain_stats") else {}
     rewards = torch.tensor([math.nan if s["reward"] is None else s["reward"] for s in scores])
-    # Too many missing (the judge is down, not just failing now and then): stop before this batch trains
-    # anything, so that --resume, once the judge is back, redoes the step as if it had never gone away.
     counts = torch.tensor([rewards.isnan().sum().item(), len(rewards)], dtype=torch.float64)
     dist.all_reduce(counts)
     window = [*recent, counts.tolist()][-recent.maxlen:]
@@ -843,29 +857,35 @@ def train_step(model, reference, optimizer, tokenizer, samples, prompt_ids, cfg,
         raise StopTraining(f"the judge gave no reward for {missing:.0%} of the rollouts of the last {len(window)} "
                            f"step(s), over judge.max_missing_fraction = {cfg['judge']['max_missing_fraction']}")
     recent.append(counts.tolist())
+    return scores, rewards, judge_stats
+
+
+def update_policy(model, reference, optimizer, result, rewards, cfg):
+    """mu optimizer steps on one batch of rollouts; returns (advantages, token sums of the loss statistics,
+    the last gradient norm or None, the non-finite quantity that stopped an update or None).
+
+    A missing reward (NaN) is out of the advantages' statistics and the loss. The loss normaliser is
+    summed over ranks before any backward. When no rank has a trained token (every reward missing, or no
+    group with two valid ones) nothing is updated: a step on a 0/0 loss would write NaN into the weights."""
+    t, g = cfg["train"], cfg["grpo"]
+    G, device = g["group_size"], result.completion_mask.device
     advantages = grpo.group_advantages(rewards, G, g["scale_by_std"]).to(device)
     mask = result.completion_mask * grpo.trained_rows(rewards, G).to(device)[:, None]
     # One prompt pass per group instead of G (grpo.shared_prompt_logprobs), unless there is nothing to
     # share or gradient checkpointing has switched the KV cache off.
     share = G > 1 and not cfg["model"]["gradient_checkpointing"]
-
-    # 3. mu optimizer steps on this batch. The normaliser is summed over ranks before any backward.
-    update_started = time.perf_counter()
     normalizer = grpo.loss_normalizer(mask, g["aggregation"], g["max_new_tokens"])
     dist.all_reduce(normalizer)
     batches = [slice(i, i + t["micro_batch_size"]) for i in range(0, len(mask), t["micro_batch_size"])]
-    old_logprobs, ref_logprobs, grad_norm, fault = {}, {}, None, None
-    totals = {"prompt_tokens": result.prompt_mask[::G].sum().item()}  # each prompt once, as the trainer runs it
-    # No trained token on any rank (every reward missing, or no group with two valid ones): no update, since
-    # a step on a 0/0 loss would write NaN into the weights.
-    for update in range(g["inner_updates"] if normalizer > 0 else 0):
+    old_logprobs, ref_logprobs, totals, grad_norm, fault = {}, {}, {}, None, None
+    for mu in range(g["inner_updates"] if normalizer > 0 else 0):
         optimizer.zero_grad(set_to_none=True)
         update_loss = 0.0
         for b in batches:
             logprobs, entropy = score_rows(model, result, b, G, share, g["temperature"] or 1.0, g["logprob_chunk"])
             width = logprobs.size(1)
             m = mask[b, :width]
-            if update == 0:  # the sampling policy, recomputed by the trainer so both sides of rho match
+            if mu == 0:  # the sampling policy, recomputed by the trainer so both sides of rho match
                 old_logprobs[b.start] = logprobs.detach()
                 add(totals, first_update_tokens=m.sum().item(), entropy=(entropy * m).sum().item(),
                     sampler_gap=((logprobs.detach() - result.logprobs[b, :width]).abs() * m).sum().item())
@@ -886,15 +906,13 @@ def train_step(model, reference, optimizer, tokenizer, samples, prompt_ids, cfg,
             optimizer.zero_grad(set_to_none=True)
             break
         optimizer.step()
-    update_time = time.perf_counter() - update_started
+    return advantages, totals, grad_norm, fault
 
-    # 4. Log: every rank's rows gathered on rank 0.
-    lengths = result.completion_mask.sum(1)
-    prompts = [tokenizer.decode(prompt_ids[i]) for i in indices]
-    rows = [{"cid": s["cid"], "prompt": prompts[j // G], "response": r, "advantage": a.item(),
-             "length": n.item(), "finished": f.item(), **score}
-            for j, (s, r, a, n, f, score) in enumerate(zip(row_samples, responses, advantages, lengths,
-                                                           result.finished, scores))]
+
+def log_step(step, rows, totals, judge_stats, grad_norm, fault, times, cfg, device, out_dir):
+    """The step's metrics from every rank's rows and totals (gathered), and, on rank 0, its groups appended
+    to samples.jsonl. Times are rank 0's."""
+    G, mu = cfg["grpo"]["group_size"], cfg["grpo"]["inner_updates"]
     rows, parts, judge_parts = gather_rows(rows), gather_rows([totals]), gather_rows([judge_stats])
     totals = {k: sum(p.get(k, 0.0) for p in parts) for k in dict.fromkeys(k for p in parts for k in p)}
     judge_stats = {k: (max if k.startswith("latency") else sum)(p[k] for p in judge_parts if k in p)
@@ -903,7 +921,6 @@ def train_step(model, reference, optimizer, tokenizer, samples, prompt_ids, cfg,
     first_update_tokens = max(totals.get("first_update_tokens", 0.0), 1.0)
     valid = [r["reward"] for r in rows if r["reward"] is not None]
     groups = [rows[i:i + G] for i in range(0, len(rows), G)]
-    elapsed = time.perf_counter() - started
     metrics = {
         "step": step + 1,
         "reward_mean": sum(valid) / max(len(valid), 1),
@@ -918,7 +935,7 @@ def train_step(model, reference, optimizer, tokenizer, samples, prompt_ids, cfg,
         "zero_std_group_fraction": sum(all(r["advantage"] == 0 for r in grp) for grp in groups) / len(groups),
         "updated": grad_norm is not None and fault is None,
         **({"nonfinite": fault, "nonfinite_cids": sorted({r["cid"] for r in rows})} if fault else {}),
-        "loss": totals.get("loss", 0.0) / g["inner_updates"],
+        "loss": totals.get("loss", 0.0) / mu,
         "clip_fraction": totals.get("clipped", 0.0) / tokens,
         "approx_kl": totals.get("approx_kl", 0.0) / tokens,
         **({"ref_kl": totals["ref_kl"] / tokens} if "ref_kl" in totals else {}),
@@ -929,20 +946,17 @@ def train_step(model, reference, optimizer, tokenizer, samples, prompt_ids, cfg,
         "completion_length_mean": sum(r["length"] for r in rows) / len(rows),
         "completion_length_max": max(r["length"] for r in rows),
         "truncated_fraction": sum(not r["finished"] for r in rows) / len(rows),
-        "sampled_tokens_per_second": sum(r["length"] for r in rows) / sampling_time,  # rank 0's time
-        "sampling_time": sampling_time,  # rank 0's
-        "update_time": update_time,  # log-probs, backward and optimizer, all mu updates; rank 0's
-        "step_time": elapsed,
+        "sampled_tokens_per_second": sum(r["length"] for r in rows) / times["sampling_time"],
+        **times,  # sampling_time; update_time: log-probs, backward and optimizer, all mu updates
         "peak_memory_mib": (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20,
     }
-    if rank != 0:
-        return metrics
-    with open(out_dir / "samples.jsonl", "a") as f:
-        for grp in groups:
-            f.write(json.dumps({"step": step + 1, "cid": grp[0]["cid"], "prompt": grp[0]["prompt"],
-                                "completions": [{k: v for k, v in r.items() if k not in ("cid", "prompt")}
-                                                for r in grp]}) + "\n")
+    if dist.get_rank() == 0:
+        with open(out_dir / "samples.jsonl", "a") as f:
+            for grp in groups:
+                f.write(json.dumps({"step": step + 1, "cid": grp[0]["cid"], "prompt": grp[0]["prompt"],
+                                    "completions": [{k: v for k, v in r.items() if k not in ("cid", "prompt")}
+                                                    for r in grp]}) + "\n")
     return metrics
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from conftest import ROOT, free_port
 from judge_server import FaultyJudge
@@ -70,7 +69,7 @@ def assert_same_weights(a, b, atol=0.0):
 # ----------------------------------------------------------------------------- killed, then resumed
 
 def test_sigkill_then_resume_repeats_the_uninterrupted_run_bit_for_bit(tiny_model_dir, tmp_path):
-    """Killed with SIGKILL after step 2 (mid-step or mid-save, wherever it was), then resumed: the same
+    """Killed with SIGKILL in the middle of writing a checkpoint after step 2, then resumed: the same
     prompts, the same completions and rewards, and bit-identical final weights. On one process in float32
     every operation repeats exactly, and the checkpoint holds the weights, AdamW's moments and step count,
     and the random generator state exactly."""
@@ -79,10 +78,11 @@ def test_sigkill_then_resume_repeats_the_uninterrupted_run_bit_for_bit(tiny_mode
     finish(write_config(tmp_path / "a.toml", tiny_model_dir, straight, **sections))
     config = write_config(tmp_path / "b.toml", tiny_model_dir, killed, **sections)
     run = start(config)
-    wait_for(lambda: (killed / "checkpoints/step_2").exists(), run)
+    wait_for(lambda: (killed / "checkpoints/step_2").exists() and any((killed / "checkpoints").glob("*.partial")),
+             run)
     run.send_signal(signal.SIGKILL)
     run.wait()
-    finish(config, 1, "--resume")
+    finish(config, 1, "--resume")  # from the newest complete checkpoint; the partial one is removed
     assert (killed / "samples.jsonl").read_text() == (straight / "samples.jsonl").read_text()
     for a, b in zip(metrics(straight), metrics(killed), strict=True):
         assert (a["step"], a["reward_mean"], a["loss"], a["grad_norm"]) == (b["step"], b["reward_mean"], b["loss"],

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import requests
 import torch
-from safetensors.torch import load_file
 
 import judge
 from conftest import FIXTURES, ROOT, free_port
@@ -24,7 +23,7 @@ from judge import JudgeClient, fuse, grader_messages, make_reward_fn
 from judge_server import FaultyJudge
 from l2a import DEFAULTS
 from preprocess import split_info
-from test_train import write_config
+from test_train import weights, write_config
 
 KEY_ENV = "L2A_TEST_JUDGE_KEY"
 KEY = "sk-l2a-test-5e1f0c9b7d"  # recognisable, so it can be looked for in everything written
@@ -288,8 +287,8 @@ def test_training_run_with_the_llama_cpp_judge(llama_server, tiny_model_dir, tmp
         assert c["reward"] is None and c["reasoning"] == "judge failed" or c["format"] in judge.FORMAT_SCORES
     step = [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "reward_mean" in m]
     assert step[0]["reward_missing"] == sum(c["reward"] is None for c in rows)
-    before = load_file(tiny_model_dir / "model.safetensors")
-    after = load_file(next(out.glob("checkpoints/*/model.safetensors")))
+    before = weights(tiny_model_dir)
+    after = weights(next(out.glob("checkpoints/*")))
     assert all(torch.equal(before[name], after[name]) for name in before), "missing rewards changed the weights"
     written = [run.stdout, run.stderr] + [p.read_bytes().decode("latin-1") for p in [cache, *out.rglob("*")]
                                           if p.is_file()]

