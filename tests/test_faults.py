@@ -174,7 +174,7 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tiny_model_dir,
     assert said.startswith("stopped: could not write checkpoint") and "No space left on device" in said, said
     assert f"The previous checkpoint {out / 'checkpoints/step_1'} is intact" in said
     assert checkpoint_names(kept) == ["step_1"]  # the failed save left nothing behind
-    assert_same_weights(kept / "checkpoints/step_1", kept / "checkpoints/step_1")  # and it loads
+    assert weights(kept / "checkpoints/step_1").keys() == weights(tiny_model_dir).keys()  # and it loads whole
     assert json.loads((kept / "checkpoints/step_1/trainer_state.json").read_text())["step"] == 1
 
 
