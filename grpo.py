@@ -12,10 +12,13 @@ This file knows nothing about the task, the judge, the data or distributed train
 Face causal LMs, prompts are lists of token ids, rewards are tensors.
 """
 
+import importlib.util
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
+from transformers import AttentionInterface
 
 
 def shape_logits(logits, temperature=1.0, top_k=0, top_p=1.0):
@@ -168,7 +171,7 @@ def token_logprobs(model, input_ids, attention_mask, n_completion, temperature=1
     states at positions L - T - 1 ... L - 2.
     """
     targets = input_ids[:, -n_completion:]
-    return _scored_forward(model, targets, temperature, chunk_tokens, input_ids=input_ids,
+    return _scored_forward(model, targets, temperature, chunk_tokens, lambda h: h[:, :-1], input_ids=input_ids,
                            attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask),
                            use_cache=False, logits_to_keep=n_completion + 1)
 
@@ -205,15 +208,114 @@ def shared_prompt_logprobs(model, prompt_ids, prompt_mask, prompt_of_row, comple
     row_prompt_mask = prompt_mask[prompt_of_row]
     # Positions continue from each prompt's real length; the mask spans the padded prompt, then the answer.
     positions = row_prompt_mask.sum(-1, keepdim=True) + torch.arange(completion_ids.size(1), device=prompt_ids.device)
-    return _scored_forward(model, completion_ids, temperature, chunk_tokens, first_hidden=last["h"][prompt_of_row],
+    first = last["h"][prompt_of_row]
+    return _scored_forward(model, completion_ids, temperature, chunk_tokens, lambda h: torch.cat([first, h[:, :-1]], 1),
                            input_ids=completion_ids, attention_mask=torch.cat([row_prompt_mask, completion_mask], 1),
                            position_ids=positions, cache=cache, use_cache=True,
                            logits_to_keep=completion_ids.size(1))
 
 
-def _scored_forward(model, targets, temperature, chunk_tokens, first_hidden=None, **inputs):
-    """model(**inputs) with its output layer replaced: the hidden states that reach it, minus the last
-    position and after `first_hidden` [B, 1, H] when given, score `targets` [B, T]. Returns ([B, T], [B, T]).
+@dataclass
+class Packing:
+    """Where each segment of a packed row lies: its queries at cu_q[s]:cu_q[s+1], its keys (after
+    key_index picks them out of the layer's keys, or all of them in order when None) at cu_k[s]:cu_k[s+1]."""
+    cu_q: list[int]
+    cu_k: list[int]
+    key_index: torch.Tensor | None = None
+
+
+def packed_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, packing=None, **kwargs):
+    """Attention over one packed row ([1, heads, length, dim]): each segment's queries attend causally to
+    its own keys, aligned at the end, so a segment with fewer queries than keys continues what they hold
+    (a completion after its prompt). FlashAttention's variable-length kernel where it runs (CUDA with
+    flash-attn installed); elsewhere one SDPA call per segment, which on a CPU is slower than the padded
+    batch and is there so that the packed path is tested against the padded one anywhere."""
+    if packing.key_index is not None:
+        key, value = key[:, :, packing.key_index], value[:, :, packing.key_index]
+    if query.is_cuda and importlib.util.find_spec("flash_attn") is not None:
+        from flash_attn import flash_attn_varlen_func
+        cu_q, cu_k = (torch.tensor(cu, dtype=torch.int32, device=query.device) for cu in (packing.cu_q, packing.cu_k))
+        out = flash_attn_varlen_func(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
+                                     cu_q, cu_k, int((cu_q[1:] - cu_q[:-1]).max()), int((cu_k[1:] - cu_k[:-1]).max()),
+                                     softmax_scale=scaling, causal=True)
+        return out[None], None
+    outs = []
+    for (q0, q1), (k0, k1) in zip(zip(packing.cu_q, packing.cu_q[1:]), zip(packing.cu_k, packing.cu_k[1:])):
+        visible = torch.ones(q1 - q0, k1 - k0, dtype=torch.bool, device=query.device).tril(k1 - k0 - (q1 - q0))
+        outs.append(torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, q0:q1], key[:, :, k0:k1], value[:, :, k0:k1], attn_mask=visible, scale=scaling,
+            enable_gqa=True))
+    return torch.cat(outs, 2).transpose(1, 2), None
+
+
+# Not a mask function: Transformers then builds no [L, L] mask for it, which packing makes needless.
+AttentionInterface.register("l2a_packed", packed_attention)
+
+
+@contextmanager
+def packed_model(model):
+    config, before = model.config, model.config._attn_implementation
+    config._attn_implementation = "l2a_packed"
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+
+
+def packed_prompt_logprobs(model, prompt_ids, prompt_mask, prompt_of_row, completion_ids, completion_mask,
+                           temperature=1.0, chunk_tokens=2048):
+    """shared_prompt_logprobs without padding: the same arguments and results (0 at padding).
+
+    Rows of different lengths padded to the longest spend the padding's share of every matmul; on a GPU
+    with FlashAttention that is pure waste. Here the prompts run back to back as one row, each attending
+    only to itself (positions restart per prompt), and then the completions, each attending to its
+    prompt's keys and values (gathered from that pass, so gradients flow back as in the padded path) and
+    to its own. Equal to the padded path up to float error (tested); used where FlashAttention is.
+    """
+    if getattr(model, "is_activation_checkpointing", False) and torch.is_grad_enabled():
+        raise ValueError("packed_prompt_logprobs needs the KV cache, which gradient checkpointing switches off")
+    device = prompt_ids.device
+    in_prompt, in_completion = prompt_mask.bool(), completion_mask.bool()
+    prompt_len, completion_len = prompt_mask.sum(1), completion_mask.sum(1)
+    cu_p, cu_c = ([0] + lengths.cumsum(0).tolist() for lengths in (prompt_len, completion_len))
+    hidden = {}
+
+    def keep_hidden(module, args):
+        hidden["h"] = args[0][0]
+        return (args[0][:, :0],)  # nothing to project in the prompt pass
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(keep_hidden)
+    try:
+        with packed_model(model):
+            out = model(input_ids=prompt_ids[in_prompt][None], position_ids=positions_from_mask(prompt_mask)[in_prompt][None],
+                        use_cache=True, logits_to_keep=0, packing=Packing(cu_p, cu_p))
+    finally:
+        handle.remove()
+    prompt_last = hidden["h"][torch.tensor(cu_p[1:], device=device) - 1]  # [N, hidden]
+    # Row r's keys: its prompt's, from the prompt pass, then its own, which land behind all the prompts'.
+    rows = list(enumerate(prompt_of_row.tolist()))
+    key_index = torch.cat([torch.cat([torch.arange(cu_p[p], cu_p[p + 1]), cu_p[-1] + torch.arange(cu_c[r], cu_c[r + 1])])
+                           for r, p in rows]).to(device)
+    cu_k = [0] + (prompt_len[prompt_of_row] + completion_len).cumsum(0).tolist()
+    positions = prompt_len[prompt_of_row][:, None] + torch.arange(completion_ids.size(1), device=device)
+    # A row's first token is scored by its prompt's last hidden state, the others by the token before them.
+    n_rows, flat = len(rows), torch.arange(cu_c[-1], device=device)
+    row_of = torch.arange(n_rows, device=device).repeat_interleave(completion_len)
+    source = torch.where(flat == torch.tensor(cu_c[:-1], device=device)[row_of], row_of, n_rows + flat - 1)
+    with packed_model(model):
+        logps, entropies = _scored_forward(
+            model, completion_ids[in_completion], temperature, chunk_tokens,
+            lambda h: torch.cat([prompt_last[prompt_of_row], h[0]])[source],
+            input_ids=completion_ids[in_completion][None], position_ids=positions[in_completion][None],
+            cache=out.cache, use_cache=True, logits_to_keep=cu_c[-1], packing=Packing(cu_c, cu_k, key_index))
+    padded = torch.zeros(completion_ids.shape, dtype=logps.dtype, device=device)
+    return padded.masked_scatter(in_completion, logps), padded.masked_scatter(in_completion, entropies)
+
+
+def _scored_forward(model, targets, temperature, chunk_tokens, hidden_for_targets, **inputs):
+    """model(**inputs) with its output layer replaced: hidden_for_targets(the hidden states that reach it)
+    lines up one hidden state with each token of `targets` (any shape), which it scores. Returns log-probs
+    and entropies shaped like `targets`.
 
     The vocabulary projection runs on chunks of `chunk_tokens` tokens, each recomputed in backward
     (activation checkpointing), so [B, T, vocab] float32 logits never exist at once. It runs inside the
@@ -229,10 +331,7 @@ def _scored_forward(model, targets, temperature, chunk_tokens, first_hidden=None
         return (args[0][:, :0],)  # the head projects nothing itself
 
     def project_in_chunks(module, args, output):
-        h = hidden.pop("h")[:, :-1]
-        if first_hidden is not None:
-            h = torch.cat([first_hidden, h], 1)
-        h = h.reshape(flat_targets.numel(), -1)
+        h = hidden_for_targets(hidden.pop("h")).reshape(flat_targets.numel(), -1)
         logps, entropies = [], []
         for start in range(0, flat_targets.numel(), chunk_tokens):
             part = slice(start, start + chunk_tokens)

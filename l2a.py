@@ -871,9 +871,7 @@ def update_policy(model, reference, optimizer, result, rewards, cfg):
     G, device = g["group_size"], result.completion_mask.device
     advantages = grpo.group_advantages(rewards, G, g["scale_by_std"]).to(device)
     mask = result.completion_mask * grpo.trained_rows(rewards, G).to(device)[:, None]
-    # One prompt pass per group instead of G (grpo.shared_prompt_logprobs), unless there is nothing to
-    # share or gradient checkpointing has switched the KV cache off.
-    share = G > 1 and not cfg["model"]["gradient_checkpointing"]
+    share = prompt_sharing(model, G, cfg["model"]["gradient_checkpointing"])
     normalizer = grpo.loss_normalizer(mask, g["aggregation"], g["max_new_tokens"])
     dist.all_reduce(normalizer)
     batches = [slice(i, i + t["micro_batch_size"]) for i in range(0, len(mask), t["micro_batch_size"])]
@@ -960,20 +958,31 @@ def log_step(step, rows, totals, judge_stats, grad_norm, fault, times, cfg, devi
     return metrics
 
 
+def prompt_sharing(model, group_size, gradient_checkpointing):
+    """How score_rows runs the prompts: once per group instead of G times (grpo.shared_prompt_logprobs),
+    and packed without padding where FlashAttention's variable-length kernel makes that pay
+    (grpo.packed_prompt_logprobs); None, each row whole, when there is nothing to share or gradient
+    checkpointing has switched the KV cache off."""
+    if group_size == 1 or gradient_checkpointing:
+        return None
+    if model.config._attn_implementation == "flash_attention_2":
+        return grpo.packed_prompt_logprobs
+    return grpo.shared_prompt_logprobs
+
+
 def score_rows(model, result, rows, group_size, share, temperature, chunk_tokens):
     """Log-probs and entropies of the completions of `rows` (a slice of the rollout), trimmed to the rows'
-    own longest prompt (left padding) and completion (right padding). With `share`, each prompt of the
-    slice runs once for all its rows there, whole groups or not."""
+    own longest prompt (left padding) and completion (right padding). With `share` (prompt_sharing), each
+    prompt of the slice runs once for all its rows there, whole groups or not."""
     prompt_columns = result.prompt_mask[rows].any(0)
     width = int(result.completion_mask[rows].sum(1).max())
     completion_ids, completion_mask = result.completion_ids[rows, :width], result.completion_mask[rows, :width]
     if share:
         prompt_of_row = torch.arange(len(result.prompt_ids), device=completion_ids.device)[rows] // group_size
         first_rows = prompt_of_row.unique() * group_size
-        return grpo.shared_prompt_logprobs(model, result.prompt_ids[first_rows][:, prompt_columns],
-                                           result.prompt_mask[first_rows][:, prompt_columns],
-                                           prompt_of_row - prompt_of_row[0], completion_ids, completion_mask,
-                                           temperature, chunk_tokens)
+        return share(model, result.prompt_ids[first_rows][:, prompt_columns],
+                     result.prompt_mask[first_rows][:, prompt_columns], prompt_of_row - prompt_of_row[0],
+                     completion_ids, completion_mask, temperature, chunk_tokens)
     ids = torch.cat([result.prompt_ids[rows][:, prompt_columns], completion_ids], 1)
     mask = torch.cat([result.prompt_mask[rows][:, prompt_columns], completion_mask], 1)
     return grpo.token_logprobs(model, ids, mask, width, temperature, chunk_tokens)

@@ -6,7 +6,8 @@ configs: no hub, no download):
 
 For each model: two l2a training steps (bf16, and FlashAttention-2 when it is installed, on a GPU that
 has them) and a third after --resume; greedy grpo.sample against model.generate, token for token;
-grpo.sample's tokens/s against generate's at 64 rows forced to equal length; the trainer's achieved
+the trainer's packed log-probs (the FlashAttention path) against its padded ones; grpo.sample's tokens/s
+against generate's at 64 rows forced to equal length; the trainer's achieved
 FLOP/s; peak memory. Prints one table, and writes it as JSON next to the run folders.
 """
 
@@ -90,6 +91,14 @@ def check_sampler(folder, device):
     equal = sum(torch.equal(o[m.bool()], t[:int(m.sum())]) for o, m, t in
                 zip(ours.completion_ids, ours.completion_mask, theirs))
 
+    # The trainer's packed path (used where FlashAttention is) against its padded one, on sampled rows.
+    rollout = grpo.sample(model, ids[:4], 4, 32, l2a.eos_ids(tokenizer), pad, seeds=list(range(16)))
+    with torch.no_grad():
+        padded, packed = (path(model, rollout.prompt_ids[::4], rollout.prompt_mask[::4],
+                               torch.arange(16, device=device) // 4, rollout.completion_ids, rollout.completion_mask)[0]
+                          for path in (grpo.shared_prompt_logprobs, grpo.packed_prompt_logprobs))
+    packed_gap = (packed - padded)[rollout.completion_mask.bool()].abs().max().item()
+
     def rate(draw):
         draw()  # warm-up
         if device.type == "cuda":
@@ -106,7 +115,8 @@ def check_sampler(folder, device):
         generate_rate = rate(lambda: model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True,
                                                     top_k=0, num_return_sequences=4, max_new_tokens=64,
                                                     min_new_tokens=64, pad_token_id=pad))
-    return {"greedy_equal": f"{equal}/4", "sample_tok_s": sample_rate, "generate_tok_s": generate_rate}
+    return {"greedy_equal": f"{equal}/4", "packed_gap": packed_gap, "sample_tok_s": sample_rate,
+            "generate_tok_s": generate_rate}
 
 
 def main():
@@ -137,10 +147,12 @@ def main():
     print(f"\n{where}, torch {torch.__version__}, attention {attention}, training dtype "
           f"{'bfloat16' if a.device == 'cuda' else 'float32'}\n")
     print("| model | parameters | resumed | step s | update TFLOP/s | peak GiB | greedy = generate | "
-          "grpo.sample tok/s | generate tok/s | speed-up |\n|---|---|---|---|---|---|---|---|---|---|")
+          "packed - padded log-prob | grpo.sample tok/s | generate tok/s | speed-up |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['parameters'] / 1e6:.0f}M | {'yes' if r['resumed'] else 'NO'} | {r['step_s']:.2f} | "
-              f"{r['update_tflops']:.3f} | {r['train_peak_gib']:.2f} | {r['greedy_equal']} | {r['sample_tok_s']:.0f} | "
+              f"{r['update_tflops']:.3f} | {r['train_peak_gib']:.2f} | {r['greedy_equal']} | {r['packed_gap']:.1e} | "
+              f"{r['sample_tok_s']:.0f} | "
               f"{r['generate_tok_s']:.0f} | {r['sample_tok_s'] / r['generate_tok_s']:.2f}x |")
     print(f"\nwritten to {root / 'gpu_check.json'}")
 

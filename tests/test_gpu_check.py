@@ -14,5 +14,6 @@ def test_the_gpu_check_runs_on_cpu(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     tiny = json.loads((tmp_path / "gpu_check.json").read_text())["tiny"]
     assert tiny["resumed"] and tiny["greedy_equal"] == "4/4", tiny  # float32 on CPU: token for token
+    assert tiny["packed_gap"] < 1e-4, tiny
     assert tiny["update_tflops"] > 0 and tiny["sample_tok_s"] > 0 and tiny["generate_tok_s"] > 0
     assert "| tiny | " in result.stdout

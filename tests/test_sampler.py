@@ -78,8 +78,10 @@ def test_token_logprobs_against_full_logits(model):
     assert torch.allclose(chunked_grad, model.model.embed_tokens.weight.grad, atol=1e-5)
 
 
-def test_shared_prompt_logprobs_equal_full_rows():
-    """Each prompt run once for its G rows gives the full rows' log-probs, entropies and gradients."""
+@pytest.mark.parametrize("path", [grpo.shared_prompt_logprobs, grpo.packed_prompt_logprobs])
+def test_shared_prompt_logprobs_equal_full_rows(path):
+    """Each prompt run once for its G rows, padded or packed, gives the full rows' log-probs, entropies
+    and gradients."""
     model = tiny_llama(seed=4).train()
     group_size = 3
     rollout = grpo.sample(model, PROMPTS, group_size, 10, [2], 2, temperature=1.5, seeds=list(range(9)))
@@ -91,10 +93,9 @@ def test_shared_prompt_logprobs_equal_full_rows():
         model.zero_grad()
         if share:
             prompt_of_row = torch.arange(len(ids)) // group_size
-            logps, entropy = grpo.shared_prompt_logprobs(model, rollout.prompt_ids[::group_size],
-                                                         rollout.prompt_mask[::group_size], prompt_of_row,
-                                                         rollout.completion_ids, rollout.completion_mask,
-                                                         temperature=0.8, chunk_tokens=7)
+            logps, entropy = path(model, rollout.prompt_ids[::group_size], rollout.prompt_mask[::group_size],
+                                  prompt_of_row, rollout.completion_ids, rollout.completion_mask, temperature=0.8,
+                                  chunk_tokens=7)
         else:
             logps, entropy = grpo.token_logprobs(model, ids, mask, rollout.completion_ids.size(1), 0.8, chunk_tokens=7)
         (logps * m * torch.linspace(-1, 1, len(ids))[:, None]).sum().backward()  # rows weigh differently

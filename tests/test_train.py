@@ -333,7 +333,7 @@ def shared_vs_plain_on_two_ranks(rank, model_dir, store, results):
         rollout = grpo.sample(model, prompts, 3, 10, [2], 2, temperature=1.5, seeds=[rank * 6 + i for i in range(6)])
     weights = rollout.completion_mask * torch.linspace(-1, 1, 6)[:, None]
     scored = {}
-    for share in (False, True):
+    for share in (None, grpo.shared_prompt_logprobs, grpo.packed_prompt_logprobs):
         model.zero_grad()
         logps = []
         for rows in (slice(0, 4), slice(4, 6)):  # prompt 1's rows land in both micro-batches
@@ -342,20 +342,21 @@ def shared_vs_plain_on_two_ranks(rank, model_dir, store, results):
             logps.append(torch.nn.functional.pad(lp.detach(), (0, weights.size(1) - lp.size(1))))
         scored[share] = (torch.cat(logps) * rollout.completion_mask,
                          {n: p.grad.full_tensor() for n, p in model.named_parameters()})
-    (plain_lp, plain_grads), (lp, grads) = scored[False], scored[True]
-    Path(results, str(rank)).write_text(json.dumps({
+    plain_lp, plain_grads = scored.pop(None)
+    Path(results, str(rank)).write_text(json.dumps([{
         "logprob": (lp - plain_lp).abs().max().item(),
         "grad": max((grads[n] - plain_grads[n]).abs().max().item() for n in grads),
-        "grad_scale": max(g.abs().max().item() for g in plain_grads.values())}))
+        "grad_scale": max(g.abs().max().item() for g in plain_grads.values())} for lp, grads in scored.values()]))
     l2a.dist.destroy_process_group()
 
 
 def test_shared_prompts_equal_full_rows_under_fsdp_on_two_ranks(tiny_model_dir, tmp_path):
+    """Padded and packed, each against full rows."""
     torch.multiprocessing.spawn(shared_vs_plain_on_two_ranks, args=(str(tiny_model_dir), tmp_path / "store", tmp_path),
                                 nprocs=2)
     for rank in (0, 1):
-        diff = json.loads((tmp_path / str(rank)).read_text())
-        assert diff["logprob"] < 1e-5 and diff["grad"] < 1e-5 and diff["grad_scale"] > 1e-2, diff
+        for diff in json.loads((tmp_path / str(rank)).read_text()):
+            assert diff["logprob"] < 1e-5 and diff["grad"] < 1e-5 and diff["grad_scale"] > 1e-2, diff
 
 
 def count_gathers_while_sampling(rank, model_dir, store, results):
