@@ -15,10 +15,12 @@ Face causal LMs, prompts are lists of token ids, rewards are tensors.
 import importlib.util
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import AttentionInterface
+from transformers.cache_utils import Cache, DynamicLayer
 
 
 def shape_logits(logits, temperature=1.0, top_k=0, top_p=1.0):
@@ -78,6 +80,40 @@ def positions_from_mask(attention_mask):
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
+class InPlaceLayer(DynamicLayer):
+    """A KV-cache layer that appends in place. Transformers' DynamicLayer appends with torch.cat, which
+    copies the whole cache at every decode step: about a quarter of a SmolLM2-135M decode forward on a
+    2-core CPU (16 rows, ~330 cached tokens). This one writes the prefill at the front of buffers with
+    room for `room` more positions, writes each new position into them and hands attention a view of
+    the filled part."""
+
+    def __init__(self, room):
+        super().__init__()
+        self.room = room
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            shape = (*key_states.shape[:2], key_states.size(2) + self.room, key_states.size(3))
+            self.key_buffer, self.value_buffer, self.length = key_states.new_empty(shape), value_states.new_empty(shape), 0
+        end = self.length + key_states.size(2)
+        if end > self.key_buffer.size(2):
+            raise ValueError(f"InPlaceLayer: {end} positions, room for {self.key_buffer.size(2)}")
+        self.key_buffer[:, :, self.length:end] = key_states
+        self.value_buffer[:, :, self.length:end] = value_states
+        self.length = end
+        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+        return self.keys, self.values
+
+    def batch_repeat_interleave(self, repeats):
+        self.key_buffer, self.value_buffer = (x.repeat_interleave(repeats, 0) for x in (self.key_buffer, self.value_buffer))
+        self.keys, self.values = self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length]
+
+    def batch_select_indices(self, indices):
+        self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+        self.keys, self.values = self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length]
+
+
 @torch.no_grad()
 def sample(model, prompts, group_size, max_new_tokens, eos_token_ids, pad_token_id, temperature=1.0,
            top_k=0, top_p=1.0, stop_strings=(), tokenizer=None, seeds=None, repetition_penalty=1.0):
@@ -101,9 +137,9 @@ def sample(model, prompts, group_size, max_new_tokens, eos_token_ids, pad_token_
     eos = torch.tensor(list(eos_token_ids), device=device)
     stop_window = max((len(s) for s in stop_strings), default=0)  # a token decodes to >= 1 character
 
+    cache = Cache(layer_class_to_replicate=partial(InPlaceLayer, max_new_tokens))
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions_from_mask(prompt_mask),
-                use_cache=True, logits_to_keep=1)
-    cache = out.cache
+                cache=cache, use_cache=True, logits_to_keep=1)
     cache.batch_repeat_interleave(group_size)
     # Expand before sampling: the G rows of a prompt must draw their first tokens independently.
     logits = out.logits[:, -1].repeat_interleave(group_size, 0)

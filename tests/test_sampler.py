@@ -23,6 +23,27 @@ def test_greedy_matches_generate_token_for_token(model):
     assert torch.equal(rollout.completion_ids, expected[:, :rollout.completion_ids.size(1)])
 
 
+def test_in_place_cache_layer_holds_what_dynamic_layer_holds():
+    """The sampler's cache layer against Transformers' own through a prefill, a copy per group, decode
+    steps and dropped rows; past its room it refuses rather than writing out of bounds."""
+    from transformers.cache_utils import DynamicLayer
+    torch.manual_seed(0)
+    plain, in_place = DynamicLayer(), grpo.InPlaceLayer(room=2)
+    prefill = torch.randn(2, 2, 3, 5, 4)
+    for layer in (plain, in_place):
+        layer.update(*prefill)
+        layer.batch_repeat_interleave(2)
+    for rows, change in [(4, lambda layer: None), (3, lambda layer: layer.batch_select_indices(torch.tensor([0, 2, 3])))]:
+        step = torch.randn(2, rows, 3, 1, 4)
+        for layer in (plain, in_place):
+            change(layer)
+            keys, values = layer.update(*step)
+        assert torch.equal(keys, plain.keys) and torch.equal(values, plain.values)
+        assert torch.equal(in_place.keys, plain.keys) and in_place.get_seq_length() == plain.get_seq_length()
+    with pytest.raises(ValueError, match="room"):
+        in_place.update(*torch.randn(2, 3, 3, 1, 4))
+
+
 def test_left_padding_does_not_change_a_prompt(model):
     """A prompt batched with longer ones must give the same greedy output as alone (positions, masks)."""
     batched = grpo.sample(model, PROMPTS, 1, 10, [2], 2, temperature=0)
