@@ -271,9 +271,9 @@ def packed_attention(module, query, key, value, attention_mask, scaling, dropout
     if query.is_cuda and importlib.util.find_spec("flash_attn") is not None:
         from flash_attn import flash_attn_varlen_func
         cu_q, cu_k = (torch.tensor(cu, dtype=torch.int32, device=query.device) for cu in (packing.cu_q, packing.cu_k))
+        longest_q, longest_k = (max(b - a for a, b in zip(cu, cu[1:])) for cu in (packing.cu_q, packing.cu_k))
         out = flash_attn_varlen_func(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
-                                     cu_q, cu_k, int((cu_q[1:] - cu_q[:-1]).max()), int((cu_k[1:] - cu_k[:-1]).max()),
-                                     softmax_scale=scaling, causal=True)
+                                     cu_q, cu_k, longest_q, longest_k, softmax_scale=scaling, causal=True)
         return out[None], None
     outs = []
     for (q0, q1), (k0, k1) in zip(zip(packing.cu_q, packing.cu_q[1:]), zip(packing.cu_k, packing.cu_k[1:])):

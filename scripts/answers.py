@@ -1,0 +1,41 @@
+"""A run's answers before and after training, side by side, for prompts chosen by a fixed rule (never
+by hand): the first rollout of the first N test prompts of each expert decision, in file order.
+
+    python scripts/answers.py runs/demo            # N = 4 continue and 2 stop prompts
+"""
+import argparse
+import json
+from pathlib import Path
+
+
+def rollouts(folder):
+    return {(r["cid"], r["rollout"]): r for r in map(json.loads, open(folder / "rollouts.jsonl"))}
+
+
+def cell(row):
+    text = " ".join(row["response"].split()).replace("|", "\\|")
+    return f"{text} (**{row['reward']:.1f}**)"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir")
+    parser.add_argument("--continue", dest="n_continue", type=int, default=4)
+    parser.add_argument("--stop", dest="n_stop", type=int, default=2)
+    a = parser.parse_args()
+    evals = sorted(Path(a.run_dir, "eval").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+    before, after = rollouts(evals[0]), rollouts(evals[-1])
+    config = json.loads(Path(a.run_dir, "config.json").read_text())
+    samples = [json.loads(line) for line in open(config["data"]["test_file"])]
+    tested = {cid for cid, _ in before}
+    chosen = [s for decision, n in (("continue", a.n_continue), ("stop", a.n_stop))
+              for s in [s for s in samples if s["cid"] in tested and s["decision_truth"] == decision][:n]]
+    print(f"| expert next (info asked) | last patient message | {evals[0].name} | {evals[-1].name} |\n|---|---|---|---|")
+    for s in chosen:
+        truth = s["decision_truth"] + (f" ({'; '.join(s['info_truth'])})" if s["info_truth"] else "")
+        last = next(m["content"] for m in reversed(s["messages"]) if m["role"] == "user")
+        print(f"| {truth} | {last} | {cell(before[(s['cid'], 0)])} | {cell(after[(s['cid'], 0)])} |")
+
+
+if __name__ == "__main__":
+    main()
