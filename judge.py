@@ -82,16 +82,11 @@ def stems(text: str) -> set[str]:
     return {w[:5] for w in words(text) - STOPWORDS}
 
 
-def matches(question: str, item: str, told: set[str]) -> set[str]:
-    """The words by which a question asks about one info_truth item "field: value" (empty: it does not).
-
-    A field's cue word counts only in a question that also names something the patient said (`told`:
-    the stems of the patient's messages): a policy trained with bare cues learned to open every answer
-    with "How long do you want to…", which a cue-only rule pays as a duration question."""
+def matches(question: str, item: str) -> set[str]:
+    """The words by which a question asks about one info_truth item "field: value" (empty: it does not)."""
     field, _, value = item.rpartition(":")
     cues = FIELD_CUES.get(field.rsplit(" ", 1)[-1], set())  # "symptom location" -> "location"
-    asked = stems(question)
-    return (asked & stems(value)) | (words(question) & cues if asked & told else set())
+    return (stems(question) & stems(value)) | (words(question) & cues)
 
 
 def check_info(sample: dict) -> list[str]:
@@ -108,21 +103,20 @@ class RulesJudge:
     Content: 1.0 if some question shares a content word (stopwords dropped, compared on the first
     five letters, case-insensitive) with the value of an info_truth item "field: value", or holds a
     cue word of its field (location: where..., severity: how bad..., trigger: what makes it worse...,
-    duration: how long...) and names something the patient said;
+    duration: how long...);
     0.1 (generic) for a question that matches no item; 0.0 when there is no question at all.
     It never detects "irrelevant" or "ambiguous"; an LLM judge is needed for that.
     """
 
     def grade(self, sample: dict, response: str) -> dict:
         items = check_info(sample)
-        told = stems(" ".join(m["content"] for m in sample["messages"] if m["role"] == "user"))
         qs = questions(response)
         fmt = FORMAT_BY_QUESTIONS.get(len(qs), 0.0)
         if not qs:
             return {"format": fmt, "content": 0.0, "reasoning": "no question"}
         for q in qs:
             for item in items:
-                hits = matches(q, item, told)
+                hits = matches(q, item)
                 if hits:
                     return {"format": fmt, "content": 1.0,
                             "reasoning": f"{len(qs)} question(s); asks about {item!r} via {sorted(hits)}"}

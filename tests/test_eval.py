@@ -8,9 +8,8 @@ import judge
 import l2a
 from conftest import ROOT
 
-CONTINUE = {"cid": "c", "decision_truth": "continue", "info_truth": ["symptom location: throat"],
-            "messages": [{"role": "user", "content": "It started to hurt yesterday."}]}
-STOP = {"cid": "s", "decision_truth": "stop", "info_truth": [], "messages": [{"role": "user", "content": "Thanks."}]}
+CONTINUE = {"cid": "c", "decision_truth": "continue", "info_truth": ["symptom location: throat"]}
+STOP = {"cid": "s", "decision_truth": "stop", "info_truth": []}
 
 
 def graded(sample, response):
