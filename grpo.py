@@ -212,6 +212,26 @@ def token_logprobs(model, input_ids, attention_mask, n_completion, temperature=1
                            use_cache=False, logits_to_keep=n_completion + 1)
 
 
+def _prompt_pass(model, **inputs):
+    """The prompt's forward of the shared and packed paths: its KV cache, and the hidden states that reach
+    the LM head, which projects none of them (no prompt token is scored). Needs the KV cache, so not
+    with Transformers' gradient checkpointing, which switches the cache off."""
+    if getattr(model, "is_activation_checkpointing", False) and torch.is_grad_enabled():
+        raise ValueError("sharing the prompt pass needs the KV cache, which gradient checkpointing switches off")
+    kept = {}
+
+    def keep(module, args):
+        kept["h"] = args[0]
+        return (args[0][:, :0],)
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(keep)
+    try:
+        out = model(use_cache=True, **inputs)
+    finally:
+        handle.remove()
+    return out.cache, kept["h"]
+
+
 def shared_prompt_logprobs(model, prompt_ids, prompt_mask, prompt_of_row, completion_ids, completion_mask,
                            temperature=1.0, chunk_tokens=2048):
     """token_logprobs of the rows [prompt_ids[prompt_of_row[r]], completion_ids[r]], each prompt run once.
@@ -225,26 +245,13 @@ def shared_prompt_logprobs(model, prompt_ids, prompt_mask, prompt_of_row, comple
     scores each row's first token. Equal to token_logprobs on the full rows up to float error (tested).
     Needs the KV cache, so not with Transformers' gradient checkpointing, which switches the cache off.
     """
-    if getattr(model, "is_activation_checkpointing", False) and torch.is_grad_enabled():
-        raise ValueError("shared_prompt_logprobs needs the KV cache, which gradient checkpointing switches off")
-    last = {}
-
-    def keep_last_hidden(module, args):
-        last["h"] = args[0][:, -1:]
-        return (args[0][:, :0],)  # nothing to project in the prompt pass
-
-    handle = model.get_output_embeddings().register_forward_pre_hook(keep_last_hidden)
-    try:
-        out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions_from_mask(prompt_mask),
-                    use_cache=True, logits_to_keep=1)
-    finally:
-        handle.remove()
-    cache = out.cache
+    cache, last = _prompt_pass(model, input_ids=prompt_ids, attention_mask=prompt_mask,
+                               position_ids=positions_from_mask(prompt_mask), logits_to_keep=1)
     cache.batch_select_indices(prompt_of_row)
     row_prompt_mask = prompt_mask[prompt_of_row]
     # Positions continue from each prompt's real length; the mask spans the padded prompt, then the answer.
     positions = row_prompt_mask.sum(-1, keepdim=True) + torch.arange(completion_ids.size(1), device=prompt_ids.device)
-    first = last["h"][prompt_of_row]
+    first = last[prompt_of_row]
     return _scored_forward(model, completion_ids, temperature, chunk_tokens, lambda h: torch.cat([first, h[:, :-1]], 1),
                            input_ids=completion_ids, attention_mask=torch.cat([row_prompt_mask, completion_mask], 1),
                            position_ids=positions, cache=cache, use_cache=True,
@@ -308,26 +315,15 @@ def packed_prompt_logprobs(model, prompt_ids, prompt_mask, prompt_of_row, comple
     prompt's keys and values (gathered from that pass, so gradients flow back as in the padded path) and
     to its own. Equal to the padded path up to float error (tested); used where FlashAttention is.
     """
-    if getattr(model, "is_activation_checkpointing", False) and torch.is_grad_enabled():
-        raise ValueError("packed_prompt_logprobs needs the KV cache, which gradient checkpointing switches off")
     device = prompt_ids.device
     in_prompt, in_completion = prompt_mask.bool(), completion_mask.bool()
     prompt_len, completion_len = prompt_mask.sum(1), completion_mask.sum(1)
     cu_p, cu_c = ([0] + lengths.cumsum(0).tolist() for lengths in (prompt_len, completion_len))
-    hidden = {}
-
-    def keep_hidden(module, args):
-        hidden["h"] = args[0][0]
-        return (args[0][:, :0],)  # nothing to project in the prompt pass
-
-    handle = model.get_output_embeddings().register_forward_pre_hook(keep_hidden)
-    try:
-        with packed_model(model):
-            out = model(input_ids=prompt_ids[in_prompt][None], position_ids=positions_from_mask(prompt_mask)[in_prompt][None],
-                        use_cache=True, logits_to_keep=0, packing=Packing(cu_p, cu_p))
-    finally:
-        handle.remove()
-    prompt_last = hidden["h"][torch.tensor(cu_p[1:], device=device) - 1]  # [N, hidden]
+    with packed_model(model):
+        cache, hidden = _prompt_pass(model, input_ids=prompt_ids[in_prompt][None], logits_to_keep=0,
+                                     position_ids=positions_from_mask(prompt_mask)[in_prompt][None],
+                                     packing=Packing(cu_p, cu_p))
+    prompt_last = hidden[0, torch.tensor(cu_p[1:], device=device) - 1]  # [N, hidden]
     # Row r's keys: its prompt's, from the prompt pass, then its own, which land behind all the prompts'.
     rows = list(enumerate(prompt_of_row.tolist()))
     key_index = torch.cat([torch.cat([torch.arange(cu_p[p], cu_p[p + 1]), cu_p[-1] + torch.arange(cu_c[r], cu_c[r + 1])])
@@ -343,7 +339,7 @@ def packed_prompt_logprobs(model, prompt_ids, prompt_mask, prompt_of_row, comple
             model, completion_ids[in_completion], temperature, chunk_tokens,
             lambda h: torch.cat([prompt_last[prompt_of_row], h[0]])[source],
             input_ids=completion_ids[in_completion][None], position_ids=positions[in_completion][None],
-            cache=out.cache, use_cache=True, logits_to_keep=cu_c[-1], packing=Packing(cu_c, cu_k, key_index))
+            cache=cache, use_cache=True, logits_to_keep=cu_c[-1], packing=Packing(cu_c, cu_k, key_index))
     padded = torch.zeros(completion_ids.shape, dtype=logps.dtype, device=device)
     return padded.masked_scatter(in_completion, logps), padded.masked_scatter(in_completion, entropies)
 

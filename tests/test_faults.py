@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, metric_lines
 from judge_server import FaultyJudge
 from test_judge_http import KEY, KEY_ENV, config as judge_config
 from test_train import TOY_RUN, metrics, weights, write_config
@@ -51,8 +51,7 @@ def wait_for(condition, process, timeout=300):
 
 
 def logged_steps(out):
-    path = Path(out) / "metrics.jsonl"
-    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
+    return [m["step"] for m in metric_lines(out)]
 
 
 def checkpoint_names(out):
@@ -217,8 +216,7 @@ def judge_down_after_step_1(run, out, server):
 
 
 def judge_steps(out):
-    lines = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    return [m for m in lines if "reward_missing" in m]
+    return [m for m in metric_lines(out) if "reward_missing" in m]
 
 
 def test_a_judge_outage_within_the_retries_loses_nothing(tiny_model_dir, tmp_path):

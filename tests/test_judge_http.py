@@ -18,7 +18,7 @@ import requests
 import torch
 
 import judge
-from conftest import FIXTURES, ROOT, free_port
+from conftest import FIXTURES, ROOT, free_port, metric_lines
 from judge import JudgeClient, fuse, grader_messages, make_reward_fn
 from judge_server import FaultyJudge
 from l2a import DEFAULTS
@@ -285,7 +285,7 @@ def test_training_run_with_the_llama_cpp_judge(llama_server, tiny_model_dir, tmp
     assert judged, "no response reached the judge"
     for c in judged:  # the judge's grade or a missing reward, nothing in between
         assert c["reward"] is None and c["reasoning"] == "judge failed" or c["format"] in judge.FORMAT_SCORES
-    step = [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "reward_mean" in m]
+    step = [m for m in metric_lines(out) if "reward_mean" in m]
     assert step[0]["reward_missing"] == sum(c["reward"] is None for c in rows)
     before = weights(tiny_model_dir)
     after = weights(next(out.glob("checkpoints/*")))
