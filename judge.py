@@ -52,18 +52,28 @@ def fuse(rs: float, ra: float, p: float, mode: str) -> float:
 
 STOPWORDS = set("""a about an and any are as at be been but by can could did do does doing for from had
 has have how i if in is it its like me my of on or so that the there this to was were what when where which
-who why will with would you your feel feeling felt""".split())
+who why will with would you your feel feeling felt something anything""".split())
 
-# Words that show a question is about a field even when it names none of the expert's values,
-# e.g. "Where does it hurt?" asks the location. The bare "symptom" field has no cue on purpose:
-# "Any other symptoms?" is the textbook generic question.
-FIELD_CUES = {
-    "location": {"where", "location", "located", "area", "part"},
-    "severity": {"severe", "severity", "bad", "scale", "intense", "serious"},
-    "nature": {"kind", "type", "nature", "describe"},
-    "trigger": {"trigger", "triggers", "triggered", "worse", "worsen", "better", "cause", "caused"},
-    "duration": {"long", "since", "started", "start", "began", "days", "weeks"},
-}
+# A question asks about a field when it has the field's question shape, not when it merely holds one of
+# its words: "How long have you had it?" asks the duration, "How long do you want to talk?" does not (a
+# policy trained against bare cue words learned exactly that second form). The bare "symptom" field has
+# no shape on purpose: "Any other symptoms?" is the textbook generic question.
+FIELD_SHAPES = {field: re.compile(pattern) for field, pattern in {
+    "location": r"\bwhere (is|are|does|do|did|exactly)\b|\bwhich (part|side|area)\b",
+    "severity": r"\bhow (bad|severe|strong|intense|painful)\b|\bscale\b|\b(mild|moderate|severe)\b",
+    "nature": r"\bwhat (kind|type|sort)\b|\bdescribe\b",
+    "trigger": r"\b(worse|better) (when|after|with|if|at)\b|\bwhat (makes|brings|sets|triggers|causes|caused)\b",
+    "duration": r"\bhow long (have|has|had|did|does|is|are|was|were)\b|\bsince when\b|\bwhen did\b"
+                r"|\bhow many (days|weeks|months)\b",
+}.items()}
+
+# What a question can be about without naming it: the patient's complaint, pointed back at. And the
+# verbs of having a symptom, which such a question may use freely. A named symptom is no pointer: "What
+# kind of pain?" asked of every patient, coughing or not, is what a policy learned when "pain" was one.
+COMPLAINT = {"it", "this", "that", "they", "these", "those", "symptom", "symptoms", "problem", "trouble"}
+HAVING = set("going happening get got notice noticed start started began begin last lasted hurt hurts".split())
+LONGEST_QUESTION = 25  # words: a question that lists everything asks about nothing
+
 
 FORMAT_BY_QUESTIONS = {1: 1.0, 2: 0.5}  # anything else, none included, earns 0
 
@@ -79,14 +89,32 @@ def words(text: str) -> set[str]:
 
 def stems(text: str) -> set[str]:
     # Five letters is a crude stem that still tells words apart: cough/coughing, severe/severity match.
-    return {w[:5] for w in words(text) - STOPWORDS}
+    # Numbers are no evidence: "2" in "1-2 days" would otherwise match any question that counts.
+    return {w[:5] for w in words(text) - STOPWORDS if not w.isdigit()}
 
 
-def matches(question: str, item: str) -> set[str]:
-    """The words by which a question asks about one info_truth item "field: value" (empty: it does not)."""
+# Value words that say nothing of their own: "no other symptoms" must not match every question with
+# "other", nor "over 2 weeks" every question with "over".
+GENERIC = stems(" ".join(COMPLAINT | HAVING | {"other", "no", "none", "over", "about", "more", "less", "than", "only"}))
+
+
+def matches(question: str, item: str, told: set[str]) -> set[str]:
+    """The evidence that a question asks about one info_truth item "field: value" (empty: it does not):
+    the words of the value it names, or the field's question shape, which counts when, up to its answer
+    options, the question is about the complaint (names something the patient said, or points back at
+    it) and about nothing else: "How long have you had it?" yes; "What kind?", "How long do you want to
+    talk?" no."""
     field, _, value = item.rpartition(":")
-    cues = FIELD_CUES.get(field.rsplit(" ", 1)[-1], set())  # "symptom location" -> "location"
-    return (stems(question) & stems(value)) | (words(question) & cues)
+    named = stems(question) & (stems(value) - GENERIC)
+    shape = FIELD_SHAPES.get(field.rsplit(" ", 1)[-1])  # "symptom location" -> "location"
+    text = question.lower()
+    found = shape.search(text) if shape else None
+    if not found:
+        return named
+    rest = shape.sub(" ", text[:found.end()] + re.split(r"[,:;(]| or ", text[found.end():])[0])
+    about = stems(rest) & told or words(rest) & COMPLAINT
+    others = stems(rest) - told - stems(" ".join(COMPLAINT | HAVING))
+    return named | ({found.group(0)} if about and not others else set())
 
 
 def check_info(sample: dict) -> list[str]:
@@ -100,28 +128,36 @@ class RulesJudge:
     """Deterministic, offline stand-in for the LLM judge, for tests and CPU smoke runs.
 
     Format: count the sentences ending in '?' or '？'.
-    Content: 1.0 if some question shares a content word (stopwords dropped, compared on the first
-    five letters, case-insensitive) with the value of an info_truth item "field: value", or holds a
-    cue word of its field (location: where..., severity: how bad..., trigger: what makes it worse...,
-    duration: how long...);
-    0.1 (generic) for a question that matches no item; 0.0 when there is no question at all.
-    It never detects "irrelevant" or "ambiguous"; an LLM judge is needed for that.
+    Content, as the LLM judge's rubric grades it:
+      1.0 if a question of at most LONGEST_QUESTION words names a content word of an info_truth item's
+          value (stopwords, numbers and GENERIC words dropped, compared on the first five letters,
+          case-insensitive), or has the item's field shape and is about the complaint (see matches);
+      0.1 (generic) if no question matches an item but one names something said in the consultation
+          or points back at the complaint;
+      0.0 if no question does (unrelated to the consultation), or there is no question.
     """
 
     def grade(self, sample: dict, response: str) -> dict:
         items = check_info(sample)
+        told = stems(" ".join(m["content"] for m in sample["messages"] if m["role"] == "user"))
         qs = questions(response)
         fmt = FORMAT_BY_QUESTIONS.get(len(qs), 0.0)
         if not qs:
             return {"format": fmt, "content": 0.0, "reasoning": "no question"}
         for q in qs:
+            if len(q.split()) > LONGEST_QUESTION:
+                continue
             for item in items:
-                hits = matches(q, item)
+                hits = matches(q, item, told)
                 if hits:
                     return {"format": fmt, "content": 1.0,
                             "reasoning": f"{len(qs)} question(s); asks about {item!r} via {sorted(hits)}"}
-        return {"format": fmt, "content": 0.1,
-                "reasoning": f"{len(qs)} question(s); generic, matches no info_truth item"}
+        said = stems(" ".join(m["content"] for m in sample["messages"]))
+        if any(stems(q) & said or words(q) & COMPLAINT for q in qs):
+            return {"format": fmt, "content": 0.1,
+                    "reasoning": f"{len(qs)} question(s); generic, matches no info_truth item"}
+        return {"format": fmt, "content": 0.0,
+                "reasoning": f"{len(qs)} question(s); unrelated: names nothing of the consultation"}
 
 
 # ----------------------------------------------------------------------------- HTTP client

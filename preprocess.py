@@ -38,11 +38,11 @@ FIELDS = ("cid", "session_id", "diagn", "messages", "decision_truth", "info_trut
 SESSION_FIELDS = ("session_id", "diagn", "messages")
 
 SYSTEM_PROMPT = (
-    "You are a pharmacist answering a patient in an online pharmacy chat. Read the conversation so "
-    "far and decide what to do next. If you still need to know something before you can suggest a "
-    "medicine, ask the one question that would help most: keep it short and offer 2-3 possible "
-    "answers the patient can pick from. Ask only one question. If you already know enough to "
-    "recommend a medicine, reply with exactly <stop /> and nothing else."
+    "You are a pharmacist chatting with a patient in an online pharmacy. Before you suggest a medicine "
+    "you need to know the patient's symptoms: where it is, what it feels like, how bad it is, how long "
+    "they have had it, what makes it worse, and what other symptoms they have. Ask the one short "
+    "question that helps most now, about something the patient has not told you yet. If you already "
+    "know enough to recommend a medicine, reply with exactly <stop /> and nothing else."
 )
 
 # -----------------------------------------------------------------------------

@@ -8,7 +8,8 @@ takes them ("" is the config unchanged). Every (setting, seed) run writes to <ou
 its log beside it; a run whose comparison table exists is not run again, so a stopped sweep picks up
 where it was. The runs go one after another, never side by side: on a small CPU a second busy process
 slows both several times over, and each run's wall time is part of what is measured. The table goes
-to stdout and, with every number behind it, to <out>/sweep.json.
+to stdout and, with every number behind it, to <out>/sweep.json; --table prints the table of every record
+under <out> and runs nothing.
 """
 import argparse
 import json
@@ -82,8 +83,12 @@ def main():
                         help='one setting, e.g. "train.lr=1e-4 grpo.group_size=8" (repeatable; "" = the config)')
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--out", default=str(ROOT / "runs" / "sweep"))
+    parser.add_argument("--table", action="store_true", help="only print the table of every record under --out")
     args = parser.parse_args()
     out = Path(args.out)
+    if args.table:
+        print(table([json.loads(p.read_text()) for p in sorted(out.glob("*/seed*/sweep_record.json"))]))
+        return
     records = []
     for setting in args.settings or [""]:
         for seed in args.seeds:

@@ -8,8 +8,9 @@ import judge
 import l2a
 from conftest import ROOT
 
-CONTINUE = {"cid": "c", "decision_truth": "continue", "info_truth": ["symptom location: throat"]}
-STOP = {"cid": "s", "decision_truth": "stop", "info_truth": []}
+CONTINUE = {"cid": "c", "messages": [{"role": "user", "content": "It hurts."}], "decision_truth": "continue",
+            "info_truth": ["symptom location: throat"]}
+STOP = {"cid": "s", "messages": [{"role": "user", "content": "Thanks."}], "decision_truth": "stop", "info_truth": []}
 
 
 def graded(sample, response):
@@ -24,7 +25,7 @@ def rows_of(rollouts, k):
 def test_paper_metrics_by_hand():
     rollouts = [
         (CONTINUE, "Where is the pain: throat, chest or ear?"),  # right decision, direct question, one question
-        (CONTINUE, "Anything else? Since when?"),  # right decision, generic, two questions
+        (CONTINUE, "Anything else? Since when has it hurt?"),  # right decision, generic, two questions
         (CONTINUE, "<stop />"),  # wrong decision: everything 0
         (STOP, "<stop />"),  # right, exact
         (STOP, "I recommend lozenges. <stop />"),  # right, not exact

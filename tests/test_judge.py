@@ -102,6 +102,7 @@ def test_format_counts_questions(response, n, fmt):
     ("How bad is it on a scale of 1 to 10?", 1.0, "symptom severity: mild"),
     ("How long have you had it?", 0.1, "generic"),
     ("Any other symptoms?", 0.1, "generic"),                                 # "symptom" alone is no cue
+    ("Can dogs get cancer?", 0.0, "unrelated"),                              # names nothing of the consultation
     ("Please drink plenty of water.", 0.0, "no question"),
 ])
 def test_content_direct_generic_or_none(response, content, reason):
@@ -114,7 +115,7 @@ def test_words_match_on_a_crude_stem():
     sample = dict(CONTINUE, info_truth=["symptom: cough", "symptom nature: nauseous"])
     assert RulesJudge().grade(sample, "Have you been coughing at night?")["content"] == 1.0
     assert RulesJudge().grade(sample, "Any nausea after meals?")["content"] == 1.0
-    assert RulesJudge().grade(sample, "Any fever?")["content"] == 0.1
+    assert RulesJudge().grade(sample, "Any fever with it?")["content"] == 0.1
 
 
 def test_content_is_graded_on_the_question_not_on_other_sentences():
@@ -245,4 +246,40 @@ def test_parse_grade_rejects_missing_duplicate_or_out_of_range_scores(reply, pro
 def test_duration_question_matches_a_duration_item():
     sample = dict(CONTINUE, info_truth=["symptom duration: 2 days"])
     assert RulesJudge().grade(sample, "How long have you had it?")["content"] == 1.0
+    assert RulesJudge().grade(sample, "Since when has it been like this?")["content"] == 1.0
+    assert RulesJudge().grade(sample, "Since when?")["content"] == 0.0  # a shape alone asks about nothing
     assert RulesJudge().grade(CONTINUE, "How long have you had it?")["content"] == 0.1
+
+
+@pytest.mark.parametrize("response, content", [
+    ("How long do you want to talk somthing natural?", 0.0),  # what a policy trained on bare cue words said
+    ("What kind of zombie food do you eat this morning?", 0.1),  # "this" points back: generic, not a match
+    ("What kind?", 0.0),                                        # what a policy found when a bare shape counted
+    ("What kind of pain?", 0.0),                                # ... and when "pain" pointed at any complaint
+    ("Where do you want to go tonight?", 0.0),
+])
+def test_a_field_shape_about_something_else_is_no_match(response, content):
+    sample = dict(CONTINUE, info_truth=["symptom duration: 2 days", "symptom nature: dull", "symptom location: chest"])
+    graded = RulesJudge().grade(sample, response)
+    assert graded["content"] == content, graded["reasoning"]
+
+
+@pytest.mark.parametrize("response", [
+    "How long has your throat been sore?",                   # names what the patient said
+    "How long has it been going on: a day or two, about a week, or longer?",  # the options come after the head
+    "How long have you had these symptoms?",
+])
+def test_a_field_shape_on_the_complaint_matches(response):
+    sample = dict(CONTINUE, info_truth=["symptom duration: 2 days"])
+    assert RulesJudge().grade(sample, response)["content"] == 1.0
+
+
+def test_numbers_empty_words_and_stuffed_questions_are_no_evidence():
+    sample = dict(CONTINUE, info_truth=["symptom duration: over 1-2 days", "symptom: nausea", "symptom: no other symptoms"])
+    assert RulesJudge().grade(sample, "Is it over? Any other news?")["content"] == 0.1  # "it": generic
+    assert RulesJudge().grade(sample, "Can you give me 2 reasons for it?")["content"] == 0.1
+    stuffed = "Do you have " + ", ".join(["fever", "cough", "rash", "cramps", "itching", "swelling", "dizziness",
+                                         "tiredness", "chills", "sweating", "vomiting", "headache"]) + \
+              " or nausea or anything else at all that you have noticed with it?"
+    assert len(stuffed.split()) > 25 and RulesJudge().grade(sample, stuffed)["content"] == 0.1
+    assert RulesJudge().grade(sample, "Do you have nausea?")["content"] == 1.0

@@ -1,4 +1,5 @@
-"""scripts/sweep.py's table and resumption, and scripts/answers.py's fixed choice of prompts."""
+"""scripts/sweep.py's table and resumption, scripts/answers.py's fixed choice of prompts, and
+scripts/judge_check.py's pairing of a sample with the expert's next turn."""
 
 import json
 import subprocess
@@ -7,6 +8,7 @@ import sys
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))
+import judge_check  # noqa: E402
 import sweep  # noqa: E402
 
 
@@ -32,6 +34,19 @@ def test_sweep_does_not_run_a_setting_again_once_it_has_its_record(tmp_path):
     assert sweep.run("no-such-config.toml", "train.lr=1e-4 grpo.aggregation=\"sequence\"", 0, tmp_path) == record
 
 
+def test_sweep_table_mode_tabulates_every_record_and_runs_nothing(tmp_path):
+    for setting, seed in (("", 1), ("train.lr=1e-4", 0)):
+        folder = tmp_path / sweep.slug(setting) / f"seed{seed}"
+        folder.mkdir(parents=True)
+        record = {"setting": setting, "seed": seed, "wall_s": 10.0, "steps": 40,
+                  "before": metrics(1.0, 0.1), "after": metrics(1.5, 0.1)}
+        (folder / "sweep_record.json").write_text(json.dumps(record))
+    out = subprocess.run([sys.executable, str(ROOT / "scripts/sweep.py"), "--out", str(tmp_path), "--table"],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert [line.split(" | ")[:2] for line in out[2:]] == [["| config.toml", "1"], ["| train.lr=1e-4", "0"]]
+    assert not (tmp_path / "sweep.json").exists()
+
+
 def test_answers_takes_the_first_prompts_of_each_decision_in_file_order(tmp_path):
     samples = [{"cid": f"c{i}", "decision_truth": d, "info_truth": ["symptom duration: 2 days"] if d == "continue" else [],
                 "messages": [{"role": "user", "content": f"message {i}"}]}
@@ -50,3 +65,34 @@ def test_answers_takes_the_first_prompts_of_each_decision_in_file_order(tmp_path
                           "--stop", "1"], capture_output=True, text=True, check=True).stdout.splitlines()
     assert [line.split(" | ")[1] for line in out[2:]] == ["message 1", "message 2", "message 0"]
     assert out[2].endswith("| before c1 0 \\| x (**1.0**) | after c1 0 \\| x (**1.0**) |")
+
+
+def test_judge_check_pairs_each_continue_sample_with_the_experts_next_turns():
+    turns = [("user", "I have a cough."), ("assistant", "I see."), ("assistant", "Since when?"),
+             ("user", "Two days."), ("assistant", "Is it dry?"), ("user", "Yes."), ("assistant", "Take this.")]
+    messages = [{"role": r, "content": c} for r, c in turns]
+    cut = {1: "continue", 4: "continue", 6: "stop"}  # where the processed data cuts this session
+    samples = [{"cid": f"s_{n}", "session_id": 7, "messages": messages[:i], "decision_truth": d,
+                "info_truth": []} for n, (i, d) in enumerate(cut.items(), 1)]
+    pairs = judge_check.expert_questions(samples)
+    assert sorted((s["cid"], q) for s, q in pairs) == [("s_1", "I see. Since when?"), ("s_2", "Is it dry?")]
+
+
+def test_judge_check_regrades_a_runs_logs(tmp_path):
+    sample = {"cid": "s_1", "session_id": 1, "diagn": "Cough", "decision_truth": "continue",
+              "info_truth": ["symptom duration: 2 days"],
+              "messages": [{"role": "user", "content": "I have a cough."}]}
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps(sample) + "\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"judge": {"fusion": "multiplicative"}}))
+    logged = [("How long have you had it?", 4.0),                    # graded as today's rules grade it
+              ("How long do you want to talk about it?", 4.0),       # what the cue-word rules paid
+              ("<stop />", 0.0)]
+    (run / "samples.jsonl").write_text(json.dumps({"step": 1, "cid": "s_1", "completions": [
+        {"response": r, "reward": w} for r, w in logged]}) + "\n")
+    out = subprocess.run([sys.executable, str(ROOT / "scripts/judge_check.py"), str(run), "--data", str(data)],
+                         capture_output=True, text=True, check=True).stdout
+    assert "1 of 3 logged rewards differ" in out and "1 logged answers hold <stop />" in out
+    assert "1 of 2 continue answers graded content 1" in out and "How long have you had it?" in out

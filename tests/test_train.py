@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import grpo
 import l2a
-from conftest import ROOT, free_port, tiny_llama
+from conftest import ROOT, free_port, metric_lines, tiny_llama
 
 TOY_RUN = ROOT / "tests" / "toy_run.py"
 
@@ -44,7 +44,7 @@ def run(config, nproc=1, *args):
 
 def metrics(out_dir):
     """The training steps' lines of metrics.jsonl (step 0 holds only the evaluation before training)."""
-    lines = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    lines = metric_lines(out_dir)
     assert lines[0]["step"] == 0 and "eval_reward" in lines[0]
     return lines[1:]
 
@@ -132,16 +132,16 @@ def test_step_prompts_are_a_function_of_the_step():
 def test_mean_reward_rises_on_a_learnable_toy_reward(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     config = write_config(tmp_path / "c.toml", tiny_model_dir, out,
-                          train={"steps": 16, "prompts_per_step": 4, "lr": 0.1},
+                          train={"steps": 24, "prompts_per_step": 4, "lr": 0.1},
                           grpo={"group_size": 8, "max_new_tokens": 8, "kl_coef": 0.001},
-                          eval={"every": 8, "prompts": 8, "samples": 2, "max_new_tokens": 8})
-    run(config)
+                          eval={"every": 12, "prompts": 8, "samples": 2, "max_new_tokens": 8})
+    run(config)  # a random model samples near-uniform tokens: the vowel share starts to climb after ~12 steps
     rewards = [m["reward_mean"] for m in metrics(out)]
     assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.1, rewards
-    evals = {s: json.loads((out / f"eval/step_{s}/metrics.json").read_text())["reward"] for s in (0, 8, 16)}
-    assert evals[16]["mean"] > evals[0]["mean"] and evals[16]["count"] == 8 * 2
-    assert [m["step"] for m in metrics(out) if "eval_reward" in m] == [8, 16]
-    assert (out / "curves.png").stat().st_size > 0 and "step_16" in (out / "eval/comparison.md").read_text()
+    evals = {s: json.loads((out / f"eval/step_{s}/metrics.json").read_text())["reward"] for s in (0, 12, 24)}
+    assert evals[24]["mean"] > evals[0]["mean"] and evals[24]["count"] == 8 * 2
+    assert [m["step"] for m in metrics(out) if "eval_reward" in m] == [12, 24]
+    assert (out / "curves.png").stat().st_size > 0 and "step_24" in (out / "eval/comparison.md").read_text()
     m = metrics(out)[-1]
     for key in ["reward_std", "reward_length_chars", "loss", "clip_fraction", "approx_kl", "ref_kl", "entropy",
                 "completion_length_mean", "zero_std_group_fraction", "sampled_tokens_per_second", "step_time",
@@ -197,8 +197,7 @@ def test_two_launchers_as_two_nodes_train_and_resume_like_one_launcher(tiny_mode
         assert [launcher.returncode for launcher in launchers] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
 
     def rewards(out):
-        return [m["reward_mean"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-                if "reward_mean" in m]
+        return [m["reward_mean"] for m in metric_lines(out) if "reward_mean" in m]
 
     assert len(rewards(nodes)) == 2 and rewards(nodes) == rewards(single)
     a, b = weights(single / "checkpoints/step_2"), weights(nodes / "checkpoints/step_2")
