@@ -95,7 +95,8 @@ def stems(text: str) -> set[str]:
 
 # Value words that say nothing of their own: "no other symptoms" must not match every question with
 # "other", nor "over 2 weeks" every question with "over".
-GENERIC = stems(" ".join(COMPLAINT | HAVING | {"other", "no", "none", "over", "about", "more", "less", "than", "only"}))
+ON_COMPLAINT = stems(" ".join(COMPLAINT | HAVING))  # computed once: matches runs for every graded question
+GENERIC = ON_COMPLAINT | stems("other no none over about more less than only")
 
 
 def matches(question: str, item: str, told: set[str]) -> set[str]:
@@ -113,7 +114,7 @@ def matches(question: str, item: str, told: set[str]) -> set[str]:
         return named
     rest = shape.sub(" ", text[:found.end()] + re.split(r"[,:;(]| or ", text[found.end():])[0])
     about = stems(rest) & told or words(rest) & COMPLAINT
-    others = stems(rest) - told - stems(" ".join(COMPLAINT | HAVING))
+    others = stems(rest) - told - ON_COMPLAINT
     return named | ({found.group(0)} if about and not others else set())
 
 
