@@ -273,6 +273,15 @@ def packed_attention(module, query, key, value, attention_mask, scaling, dropout
     (a completion after its prompt). FlashAttention's variable-length kernel where it runs (CUDA with
     flash-attn installed); elsewhere one SDPA call per segment, which on a CPU is slower than the padded
     batch and is there so that the packed path is tested against the padded one anywhere."""
+    # Plain causal attention only: ignoring a window (Mistral, Qwen2, Gemma2), a soft cap (Gemma2), sinks
+    # (gpt-oss) or dropout would give such a model wrong log-probs without a word. None means not used.
+    asked = [name for name in ("sliding_window", "softcap", "s_aux") if kwargs.get(name) is not None]
+    asked += ["dropout"] if dropout > 0 else []
+    if asked:
+        raise ValueError(f"the packed attention does not implement {', '.join(asked)}, which this model passes: "
+                         "score it on the padded shared-prompt path (grpo.shared_prompt_logprobs), which keeps the "
+                         "model's own attention; l2a takes that path when FlashAttention is not installed "
+                         "(pip uninstall flash-attn)")
     if packing.key_index is not None:
         key, value = key[:, :, packing.key_index], value[:, :, packing.key_index]
     if query.is_cuda and importlib.util.find_spec("flash_attn") is not None:
@@ -445,6 +454,12 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, normalizer, aggregatio
     holds token sums (divide by stats["tokens"] summed the same way) of: clipped (tokens where the clip is
     active), approx_kl (k3 estimate of KL(old || new)), ref_kl (k3 estimate of KL(new || ref)).
     """
+    # Padding may hold any log-prob (-1e4 from a masked logit): exp of it overflows, and inf * 0 is NaN in the
+    # loss and in exp's backward. So padded positions get log-probs of 0, which send back no gradient.
+    keep = mask.bool()
+    logprobs, old_logprobs = (torch.where(keep, lp, 0.0) for lp in (logprobs, old_logprobs))
+    if ref_logprobs is not None:
+        ref_logprobs = torch.where(keep, ref_logprobs, 0.0)
     mask = mask.float()
     ratio = torch.exp(logprobs - old_logprobs)
     unclipped = ratio * advantages[:, None]

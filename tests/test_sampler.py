@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from transformers import MistralConfig, MistralForCausalLM
 
 import grpo
 from conftest import tiny_llama
@@ -127,6 +128,38 @@ def test_shared_prompt_logprobs_equal_full_rows(path):
     for name, grad in grads.items():
         assert torch.allclose(grad, plain_grads[name], atol=1e-5), name
     assert max(g.abs().max() for g in plain_grads.values()) > 1e-2  # the gradients compared are not all ~0
+
+
+def tiny_mistral(**config):
+    torch.manual_seed(5)
+    return MistralForCausalLM(MistralConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, bos_token_id=1,
+                                            eos_token_id=2, pad_token_id=2, **config)).eval()
+
+
+def shared_prompt_rows(model, rollout, path):
+    return path(model, rollout.prompt_ids[::2], rollout.prompt_mask[::2], torch.arange(6) // 2,
+                rollout.completion_ids, rollout.completion_mask)[0][rollout.completion_mask.bool()]
+
+
+@pytest.mark.parametrize("config, train, argument", [({"sliding_window": 4}, False, "sliding_window"),
+                                                     ({"sliding_window": None, "attention_dropout": 0.1}, True,
+                                                      "dropout")])
+def test_packed_path_refuses_attention_it_would_get_wrong(config, train, argument):
+    """The packed attention has no window, soft cap, sinks or dropout: a model that asks for one is
+    refused, not scored as if it had not asked."""
+    model = tiny_mistral(**config)
+    rollout = grpo.sample(model, PROMPTS, 2, 6, [2], 2, seeds=list(range(6)))
+    with pytest.raises(ValueError, match=argument):
+        shared_prompt_rows(model.train(train), rollout, grpo.packed_prompt_logprobs)
+
+
+def test_packed_path_takes_a_mistral_without_window():
+    """Mistral passes sliding_window=None when it has no window: that is plain causal attention."""
+    model = tiny_mistral(sliding_window=None)
+    rollout = grpo.sample(model, PROMPTS, 2, 6, [2], 2, seeds=list(range(6)))
+    assert torch.allclose(shared_prompt_rows(model, rollout, grpo.packed_prompt_logprobs),
+                          shared_prompt_rows(model, rollout, grpo.shared_prompt_logprobs), atol=1e-5)
 
 
 def test_shared_prompt_refuses_gradient_checkpointing():

@@ -93,7 +93,17 @@ def bad_input_cases(tmp_path, model_dir):
         ("missing gguf", {"model": {"path": str(tmp_path / "m.gguf")}}, "no such .gguf file"),
         ("output folder", {"train": {"output_dir": str(a_file / "run")}}, "cannot be written: Not a directory"),
         ("judge url", {"judge": {"backend": "http", "base_url": "file:///etc/v1"}}, "only http:// and https://"),
+        ("group of one", {"grpo": {"group_size": 1}}, "grpo.group_size = 1: GRPO learns by comparing"),
+        ("used output folder", {"train": {"output_dir": str(used_run(tmp_path))}},
+         "holds an earlier run's checkpoint step_3: continue it with --resume, or choose another"),
     ]
+
+
+def used_run(tmp_path):
+    """An output folder where an earlier run left a complete checkpoint."""
+    (tmp_path / "used/checkpoints/step_3").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "used/checkpoints/step_3/trainer_state.json").write_text('{"step": 3}')
+    return tmp_path / "used"
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
@@ -103,8 +113,8 @@ def test_first_mistakes_are_one_clear_line(tiny_model_dir, tmp_path, mode, capsy
 
     monkeypatch.setattr(l2a, "load_model", no_model_yet)
     for name, sections, message in bad_input_cases(tmp_path, tiny_model_dir):
-        if mode == "eval" and name == "no data file":
-            continue  # --eval reads only the test split
+        if mode == "eval" and name in ("no data file", "group of one", "used output folder"):
+            continue  # --eval reads only the test split, samples no groups and writes under eval/
         config = write_config(tmp_path / "c.toml", tiny_model_dir, tmp_path / "run", **sections)
         with pytest.raises(SystemExit) as exit:
             l2a.main(["--config", str(config)] + (["--eval"] if mode == "eval" else []))
@@ -300,6 +310,50 @@ def test_each_rank_loads_only_its_shards_and_gets_exactly_the_weights(tmp_path):
         report = json.loads((tmp_path / str(rank)).read_text())
         assert report[tied] == {"keys": True, "tied": True, "diff": 0.0}, report
         assert report[untied] == {"keys": True, "tied": False, "diff": 0.0}, report
+
+
+def test_on_a_gpu_the_process_group_carries_cpu_tensors_as_well(monkeypatch):
+    """NCCL carries only CUDA tensors, but the ranks agree through small CPU ones (any_rank, the evaluation's
+    progress, the missing-reward counts, pickled objects): a GPU run needs gloo beside NCCL in one group."""
+    chosen = []
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(l2a.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(l2a.dist, "init_process_group", lambda backend, **kwargs: chosen.append(backend))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    assert l2a.setup_distributed() == torch.device("cuda", 0)
+    [backend] = chosen
+    assert l2a.dist.distributed_c10d.BackendConfig(backend).get_device_backend_map() == {"cpu": "gloo",
+                                                                                         "cuda": "nccl"}
+
+
+def prepare_as_two_nodes(rank, gguf, store, folder, results):
+    """One of two ranks, each the first process of its own node (LOCAL_RANK 0) with a cache of its own:
+    where does the model get prepared, and is an output folder that differs between them refused?"""
+    os.environ.update(LOCAL_RANK="0", XDG_CACHE_HOME=str(Path(folder, f"cache{rank}")))
+    l2a.dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    l2a.convert_gguf = lambda gguf, folder: folder.mkdir(parents=True) or (folder / "config.json").write_text("{}")
+    said = {"model_ready": (Path(l2a.resolve_model_path(gguf)) / "config.json").exists()}
+    for name, out in (("same", Path(folder, "out")), ("different", Path(folder, f"out{rank}"))):
+        out.mkdir(exist_ok=True)
+        try:
+            l2a.check_shared(out)
+            said[name] = "accepted"
+        except l2a.BadInput as e:
+            said[name] = str(e)
+    Path(folder, f"said{rank}").write_text(json.dumps(said))
+    l2a.dist.destroy_process_group()
+
+
+def test_each_node_prepares_its_own_model_copy_and_an_unshared_output_folder_is_refused(tmp_path):
+    gguf = tmp_path / "m.gguf"
+    gguf.write_text("")
+    torch.multiprocessing.spawn(prepare_as_two_nodes, args=(str(gguf), tmp_path / "store", str(tmp_path), None),
+                                nprocs=2)
+    for rank in (0, 1):
+        said = json.loads((tmp_path / f"said{rank}").read_text())
+        assert said["model_ready"] and said["same"] == "accepted", said
+        assert "is not the same folder on every rank" in said["different"], said
 
 
 def test_tied_embeddings_stay_one_parameter_under_fsdp(tiny_model_dir):

@@ -1,11 +1,13 @@
 """A training run with a learnable toy reward, for the tests:
-`python|torchrun toy_run.py CONFIG [--resume] [--inf-reward]`.
+`python|torchrun toy_run.py CONFIG [--resume] [--inf-reward | --slow-reward]`.
 
 The toy reward is the share of vowels in the response: a tiny random model can raise it within a few
 steps, and it needs no judge. --inf-reward makes one reward of each batch infinite, a broken reward function.
+--slow-reward takes 1.5 s per batch, as a remote judge may: a step or an evaluation then outlasts a signal.
 """
 
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -21,10 +23,16 @@ def one_infinite(samples, responses):
     return [{"reward": float("inf")}] + vowel_share(samples, responses)[1:]
 
 
+def slowly(samples, responses):
+    time.sleep(1.5)
+    return vowel_share(samples, responses)
+
+
 if __name__ == "__main__":
     try:
         l2a.train(l2a.load_config(sys.argv[1]), resume="--resume" in sys.argv,
-                  reward_fn=one_infinite if "--inf-reward" in sys.argv else vowel_share)
+                  reward_fn=one_infinite if "--inf-reward" in sys.argv else slowly if "--slow-reward" in sys.argv
+                  else vowel_share)
     except l2a.RunStopped as e:  # as l2a.main says it
         sys.exit(f"stopped: {e}")
     finally:
