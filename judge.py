@@ -78,9 +78,44 @@ LONGEST_QUESTION = 25  # words: a question that lists everything asks about noth
 FORMAT_BY_QUESTIONS = {1: 1.0, 2: 0.5}  # anything else, none included, earns 0
 
 
+# Where a question starts inside a sentence: a verb before its subject ("does it", "are there"), "any"
+# ("Any fever?"), or a question word, but not one straight before its subject: "when you lie down" and
+# "how much you drink" are parts of the question around them, as in the experts' own questions.
+SUBJECT = r"(?:i|you|we|they|he|she|it|there|the|your|my|his|her|their|this|that|these|those" \
+          r"|any(?:one|body|thing)|some(?:one|thing))"
+AUXILIARY = r"(?:is|are|was|were|do|does|did|have|has|can|could|would|will)"
+ASKS = rf"\b(?:({AUXILIARY} {SUBJECT}|any)|(?:what|which|who|whose|where|when|why)(?! {SUBJECT}\b)" \
+       rf"|how(?!(?: (?!{AUXILIARY}\b)\w+)? {SUBJECT}\b))\b"
+ASKING = re.compile(ASKS, re.I)  # group 1: a yes/no question
+# A comma, ";", "and" or "or" before such a start begins a new question; after a bare "and"/"or", "any"
+# is only a word of the same question ("a cough and any fever").
+NEW_CLAUSE = re.compile(rf"[,;]\s*(?:(?:and|or)\s+)?(?={ASKS})|\s+(?:and|or)\s+(?!any\b)(?={ASKS})", re.I)
+JOINED_BY_AND = re.compile(r"\s*;|\W*and\b", re.I)
+ENDS_IN_OR = re.compile(r"\W*or\b", re.I)
+
+
 def questions(text: str) -> list[str]:
-    """Sentences that end in a question mark (ASCII or full-width); '??' counts once."""
-    return re.findall(r"[^.!?。！？\n]*[?？]+", text)
+    """The questions a text asks, each one a sentence ending in '?' or '？' ('??' counts once) or a clause
+    of one: "How long have you had it, and where is it?" is two. A sentence of fewer than two words asks
+    nothing ("?", "Hmm?"). What stays one question: a lead-in that asks nothing ("During the day, do
+    you...?"), and yes/no questions offered as alternatives, in a list whose last one opens with "or" and
+    none with "and" ("Is it itchy, does it burn, or are there blisters?": the expert's own form)."""
+    asked = []
+    for sentence in re.findall(r"[^.!?。！？\n]*[?？]+", text):
+        if len(words(sentence)) < 2:
+            continue
+        cuts = [m.start() for m in NEW_CLAUSE.finditer(sentence)]
+        parts = [sentence[a:b] for a, b in zip([0, *cuts], [*cuts, len(sentence)])]
+        alternatives = ENDS_IN_OR.match(parts[-1])
+        asked.append(parts[0])
+        for part in parts[1:]:
+            before = ASKING.search(asked[-1])
+            if not before or alternatives and before.group(1) and ASKING.search(part).group(1) \
+                    and not JOINED_BY_AND.match(part):
+                asked[-1] += part
+            else:
+                asked.append(part)
+    return asked
 
 
 def words(text: str) -> set[str]:
@@ -97,6 +132,9 @@ def stems(text: str) -> set[str]:
 # "other", nor "over 2 weeks" every question with "over".
 ON_COMPLAINT = stems(" ".join(COMPLAINT | HAVING))  # computed once: matches runs for every graded question
 GENERIC = ON_COMPLAINT | stems("other no none over about more less than only")
+# The words of a field's own question, which its shape leaves behind: "worse" in "What makes it worse?"
+# is the trigger question itself, not something else it asks about ("start" is HAVING, "on" a stopword).
+FIELD_WORDS = {"trigger": stems("worse better trigger cause bring")}
 
 
 def matches(question: str, item: str, told: set[str]) -> set[str]:
@@ -107,14 +145,15 @@ def matches(question: str, item: str, told: set[str]) -> set[str]:
     talk?" no."""
     field, _, value = item.rpartition(":")
     named = stems(question) & (stems(value) - GENERIC)
-    shape = FIELD_SHAPES.get(field.rsplit(" ", 1)[-1])  # "symptom location" -> "location"
+    kind = field.rsplit(" ", 1)[-1]  # "symptom location" -> "location"
+    shape = FIELD_SHAPES.get(kind)
     text = question.lower()
     found = shape.search(text) if shape else None
     if not found:
         return named
     rest = shape.sub(" ", text[:found.end()] + re.split(r"[,:;(]| or ", text[found.end():])[0])
     about = stems(rest) & told or words(rest) & COMPLAINT
-    others = stems(rest) - told - ON_COMPLAINT
+    others = stems(rest) - told - ON_COMPLAINT - FIELD_WORDS.get(kind, set())
     return named | ({found.group(0)} if about and not others else set())
 
 
@@ -128,11 +167,14 @@ def check_info(sample: dict) -> list[str]:
 class RulesJudge:
     """Deterministic, offline stand-in for the LLM judge, for tests and CPU smoke runs.
 
-    Format: count the sentences ending in '?' or '？'.
-    Content, as the LLM judge's rubric grades it:
+    Format: count the questions (see questions): sentences of two words or more ending in '?' or '？',
+    split where a comma, ";", "and" or "or" opens a new interrogative clause ("How long have you had it,
+    and where is it?" is two); answer options, and yes/no alternatives listed up to a last "or", stay one.
+    Content, as the LLM judge's rubric grades it, each question on its own:
       1.0 if a question of at most LONGEST_QUESTION words names a content word of an info_truth item's
           value (stopwords, numbers and GENERIC words dropped, compared on the first five letters,
-          case-insensitive), or has the item's field shape and is about the complaint (see matches);
+          case-insensitive), or has the item's field shape and is about the complaint and nothing else
+          but the field's own words (FIELD_WORDS: "What makes it worse?" asks the trigger; see matches);
       0.1 (generic) if no question matches an item but one names something said in the consultation
           or points back at the complaint;
       0.0 if no question does (unrelated to the consultation), or there is no question.

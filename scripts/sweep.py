@@ -51,8 +51,15 @@ def run(config, setting, seed, out):
     before, after = (json.loads((evals[i] / "metrics.json").read_text()) for i in (0, -1))
     record = {"setting": setting, "seed": seed, "wall_s": round(time.monotonic() - started, 1),
               "steps": int(evals[-1].name.split("_")[1]), "before": before, "after": after}
-    record_file.write_text(json.dumps(record, indent=2))
+    keep_record(folder, record)
     return record
+
+
+def keep_record(folder, record):
+    """Write a finished run's record, then delete its checkpoints (0.5-1.6 GB each with the AdamW state,
+    enough to fill a disk over a sweep): the record and the evaluations' rollouts are what a sweep keeps."""
+    (folder / "sweep_record.json").write_text(json.dumps(record, indent=2))
+    shutil.rmtree(folder / "checkpoints", ignore_errors=True)
 
 
 def cell(before, after, name):

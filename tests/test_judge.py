@@ -3,8 +3,10 @@ import re
 
 import pytest
 
-from conftest import FIXTURES
-from judge import Reward, RulesJudge, fuse, grader_messages, make_reward_fn, parse_grade, questions
+import preprocess
+from conftest import FIXTURES, ROOT
+from judge import (FORMAT_BY_QUESTIONS, Reward, RulesJudge, fuse, grader_messages, make_reward_fn, parse_grade,
+                   questions)
 
 FIXTURE = FIXTURES / "realmedconv_206_1_processed.jsonl"
 
@@ -283,3 +285,58 @@ def test_numbers_empty_words_and_stuffed_questions_are_no_evidence():
               " or nausea or anything else at all that you have noticed with it?"
     assert len(stuffed.split()) > 25 and RulesJudge().grade(sample, stuffed)["content"] == 0.1
     assert RulesJudge().grade(sample, "Do you have nausea?")["content"] == 1.0
+
+
+# ----------------------------------------------------------------------------- known holes, closed
+
+def demo(part):
+    return preprocess.load_samples(ROOT / "data" / "demo" / f"{part}.jsonl")
+
+
+@pytest.mark.parametrize("response, n", [("?", 0), ("Hmm?", 0), ("How long?", 1)])
+def test_a_bare_question_mark_earns_the_format_point(response, n):
+    assert len(questions(response)) == n
+    assert RulesJudge().grade(CONTINUE, response)["format"] == (1.0 if n else 0.0)
+
+
+@pytest.mark.parametrize("response, n", [
+    ("How long have you had it, where is it, and how bad is it?", 3),
+    ("Is it sharp, dull, or burning?", 1),                       # answer options are part of their question
+    ("Is the pain mild, moderate or severe?", 1),
+    ("Does it hurt when you cough or when you breathe?", 1),     # "when you ..." is no new question
+    ("Is it itchy, does it burn, or are there small blisters?", 1),  # yes/no alternatives offered with "or"
+    ("Is it itchy? Does it burn, and are there small blisters?", 3),
+])
+def test_a_compound_question_joined_by_commas_counts_as_one_question_for_format(response, n):
+    assert len(questions(response)) == n
+    assert RulesJudge().grade(CONTINUE, response)["format"] == FORMAT_BY_QUESTIONS.get(n, 0.0)
+
+
+def test_every_expert_turn_in_the_demo_data_asks_one_question():
+    turns = {m["content"] for part in ("train", "test") for s in demo(part) for m in s["messages"]
+             if m["role"] == "assistant" and "?" in m["content"]}
+    assert len(turns) > 20 and [t for t in turns if len(questions(t)) != 1] == []
+
+
+def test_nothing_after_the_first_comma_is_read():
+    def reward(sample, response):
+        graded = RulesJudge().grade(sample, response)
+        return graded, fuse(1.0, graded["content"], graded["format"], "multiplicative")
+
+    continues = [s for s in demo("test") if s["decision_truth"] == "continue"]
+    assert len(continues) > 10
+    for sample in continues:
+        graded, total = reward(sample, "How long have you had it, and which football team do you support?")
+        separate, _ = reward(sample, "How long have you had it? Which football team do you support?")
+        assert graded["format"] == 0.5 and graded["content"] == separate["content"], sample["cid"]
+        assert total < reward(sample, "How long have you had it?")[1], sample["cid"]
+
+
+def test_what_makes_it_worse_earns_content_on_trigger_items():
+    sample = dict(CONTINUE, info_truth=["symptom trigger: cold air"])
+    for question in ("What makes it worse?", "What makes your throat better?", "What brings it on?"):
+        assert RulesJudge().grade(sample, question)["content"] == 1.0, question
+    assert RulesJudge().grade(sample, "What makes you happy?")["content"] == 0.0
+    assert RulesJudge().grade(sample, "What makes your team worse?")["content"] == 0.0
+    duration = dict(sample, info_truth=["symptom duration: 2 days"])
+    assert RulesJudge().grade(duration, "What makes it worse?")["content"] == 0.1  # it asks the trigger only

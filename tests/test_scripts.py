@@ -34,6 +34,14 @@ def test_sweep_does_not_run_a_setting_again_once_it_has_its_record(tmp_path):
     assert sweep.run("no-such-config.toml", "train.lr=1e-4 grpo.aggregation=\"sequence\"", 0, tmp_path) == record
 
 
+def test_sweep_deletes_a_finished_runs_checkpoints_once_its_record_is_written(tmp_path):
+    (tmp_path / "checkpoints/step_40").mkdir(parents=True)
+    (tmp_path / "eval/step_40").mkdir(parents=True)
+    sweep.keep_record(tmp_path, {"setting": "", "seed": 0})
+    assert json.loads((tmp_path / "sweep_record.json").read_text()) == {"setting": "", "seed": 0}
+    assert not (tmp_path / "checkpoints").exists() and (tmp_path / "eval/step_40").exists()
+
+
 def test_sweep_table_mode_tabulates_every_record_and_runs_nothing(tmp_path):
     for setting, seed in (("", 1), ("train.lr=1e-4", 0)):
         folder = tmp_path / sweep.slug(setting) / f"seed{seed}"
