@@ -9,7 +9,7 @@ A raw session is one JSON line {"session_id", "diagn", "messages"}, the messages
 
     {"cid": "206_1", "session_id": 206, "diagn": "Common cold",
      "messages": [...context...], "decision_truth": "continue",
-     "info_truth": ["symptom: cough", "symptom nature: dry"]}
+     "info_truth": ["symptom: cough", "symptom nature: dry"], "expert_turn": "Is the cough dry?"}
 
 The labels come from what the real pharmacist did next (the "future"), never from a model's opinion:
 decision_truth from whether the patient speaks again, info_truth from what the pharmacist went on to
@@ -34,7 +34,7 @@ import judge
 
 ROLES = ("user", "assistant")
 DECISIONS = ("stop", "continue")
-FIELDS = ("cid", "session_id", "diagn", "messages", "decision_truth", "info_truth")
+FIELDS = ("cid", "session_id", "diagn", "messages", "decision_truth", "info_truth")  # required; expert_turn optional
 SESSION_FIELDS = ("session_id", "diagn", "messages")
 
 SYSTEM_PROMPT = (
@@ -70,6 +70,15 @@ def split_session(messages):
 def decision_truth(future):
     """'stop' if the patient never speaks again, i.e. the pharmacist asked nothing more."""
     return "continue" if any(m["role"] == "user" for m in future) else "stop"
+
+
+def expert_turn(future):
+    """What the pharmacist did next, in the policy's terms: <stop /> where they asked nothing more, else
+    their next message(s) verbatim, up to the patient's reply. The judge's ceiling: a perfect imitator."""
+    if decision_truth(future) == "stop":
+        return judge.STOP
+    block = future[:next(i for i, m in enumerate(future) if m["role"] == "user")]
+    return "\n".join(m["content"] for m in block)
 
 
 # -----------------------------------------------------------------------------
@@ -132,7 +141,24 @@ def load_samples(path):
                 raise ValueError(f"{path}:{lineno}: {e}") from None
             d["info_truth"] = split_info(d["info_truth"])
             samples.append(d)
+    recover_expert_turns(samples)
     return samples
+
+
+def recover_expert_turns(samples):
+    """Fill in expert_turn where a file written before the field lacks it: a stop is <stop />, and a
+    continue's turn is read off a later sample of its session, whose context holds the pharmacist's
+    reply (None where the file holds no such sample)."""
+    sessions = {}
+    for s in samples:
+        sessions.setdefault(s["session_id"], []).append(s)
+    for s in samples:
+        if "expert_turn" in s:
+            continue
+        later = [t["messages"][len(s["messages"]):] for t in sessions[s["session_id"]]
+                 if len(t["messages"]) > len(s["messages"])]
+        s["expert_turn"] = judge.STOP if s["decision_truth"] == "stop" else \
+            expert_turn(min(later, key=len)) if later else None
 
 
 # -----------------------------------------------------------------------------
@@ -192,7 +218,7 @@ def session_samples(session):
     msgs = [m for m in session["messages"] if m["content"].strip()]
     return [({"cid": f"{session['session_id']}_{n}", "session_id": session["session_id"],
               "diagn": session["diagn"], "messages": context, "decision_truth": decision_truth(future),
-              "info_truth": []}, future)
+              "info_truth": [], "expert_turn": expert_turn(future)}, future)
             for n, (context, future) in enumerate(split_session(msgs), 1)]
 
 

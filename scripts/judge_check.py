@@ -3,8 +3,7 @@
     python scripts/judge_check.py                                # recall on the experts' own questions
     python scripts/judge_check.py runs/sweep/default/seed0       # and what it pays in a run's logs
 
-Recall: every continue sample's next pharmacist turn (read from the sample that follows it in the same
-session) is a question that asks about the sample's info, so a good judge gives it content 1.
+Recall: every continue sample's next pharmacist turn (its expert_turn) is a question that asks about the sample's info, so a good judge gives it content 1.
 A run's logs: every logged training answer to a continue prompt is graded again with today's judge;
 the answers it pays content 1 are listed, so that a shortcut the policy found shows up by eye. Also
 counted: the logged rewards today's rules would change (none: the run is what today's code repeats),
@@ -24,18 +23,7 @@ import preprocess  # noqa: E402
 
 def expert_questions(samples):
     """(sample, the expert's next turn) for each continue sample whose next turn the data holds."""
-    by_context = {(s["session_id"], len(s["messages"])): s for s in samples}
-    pairs = {}
-    for s in samples:
-        turns = s["messages"]
-        for i in range(1, len(turns)):
-            before = by_context.get((s["session_id"], i))
-            if turns[i - 1]["role"] == "user" and turns[i]["role"] == "assistant" and before \
-                    and before["decision_truth"] == "continue":
-                block = turns[i:]  # the pharmacist's turns up to the patient's next message
-                block = block[:next((j for j, m in enumerate(block) if m["role"] == "user"), len(block))]
-                pairs[before["cid"]] = (before, " ".join(m["content"] for m in block))
-    return list(pairs.values())
+    return [(s, s["expert_turn"]) for s in samples if s["decision_truth"] == "continue" and s["expert_turn"]]
 
 
 def main():

@@ -144,7 +144,7 @@ def test_load_errors_name_file_and_line(tmp_path, line, why):
 def test_load_skips_blank_lines(tmp_path):
     path = tmp_path / "ok.jsonl"
     path.write_text("\n" + json.dumps(GOOD) + "\n\n")
-    assert load_samples(path) == [GOOD]
+    assert load_samples(path) == [{**GOOD, "expert_turn": None}]  # a lone continue: no later turn to read
 
 
 # -----------------------------------------------------------------------------
@@ -288,3 +288,19 @@ def test_pick_test_sessions():
     assert len(held_out) == 20 and held_out <= set(ids)
     assert pick_test_sessions(ids[::-1], 0.2) == held_out  # the file order does not matter
     assert pick_test_sessions([1, 2, 3], 0.1) == set()
+
+
+def test_each_sample_holds_the_experts_next_turn_and_older_files_recover_it(tmp_path):
+    turns = [("user", "I have a cough."), ("assistant", "I see."), ("assistant", "Since when?"),
+             ("user", "Two days."), ("assistant", "Is it dry?"), ("user", "Yes."), ("assistant", "Take this.")]
+    session = {"session_id": 7, "diagn": "Cough", "messages": [{"role": r, "content": c} for r, c in turns]}
+    samples = [s for s, _ in session_samples(session)]
+    assert [(s["decision_truth"], s["expert_turn"]) for s in samples] == [
+        ("continue", "I see.\nSince when?"), ("continue", "Is it dry?"), ("stop", "<stop />")]
+    # a file written before the field: each turn is read off the next sample of the session
+    old = tmp_path / "old.jsonl"
+    old.write_text("".join(json.dumps({k: v for k, v in s.items() if k != "expert_turn"}) + "\n" for s in samples))
+    assert [s["expert_turn"] for s in load_samples(old)] == [s["expert_turn"] for s in samples]
+    # the last continue sample of a session cut short has no later sample to read its turn from
+    old.write_text(json.dumps({k: v for k, v in samples[0].items() if k != "expert_turn"}) + "\n")
+    assert load_samples(old)[0]["expert_turn"] is None

@@ -99,7 +99,8 @@ def fixture_answer(transcript, attempt):
     return REPLIES[transcript.split("\n")[0]][attempt - 1]
 
 
-# Written by hand from the file: (cid, messages in the context, decision_truth, info_truth).
+# Written by hand from the file: (cid, messages in the context, decision_truth, info_truth), and the
+# pharmacist's next turn (EXPERT_TURNS).
 # 35310_6 is missing: its future asks only about medication history and allergies, so no info, dropped.
 EXPECTED = [
     ("35310_1", 5, "continue", ["symptom duration: about 2 days", "symptom: eye discharge",
@@ -115,15 +116,24 @@ EXPECTED = [
 ]
 
 
+EXPERT_TURNS = ["How long have the symptoms been present?", "Is there any discharge?",
+                "Sure\nThe internet was down just now", "Is the discharge thick, thin, or stringy?",
+                "Does it affect your vision? Do you have eye pain? Itchy eyes? Foreign body sensation? Tears?",
+                "<stop />"]
+
+
 def test_real_session_end_to_end(tmp_path, server, capsys):
     server.answer = fixture_answer
     raw = FIXTURES / "realmedconv_35310.jsonl"
     msgs = json.loads(raw.read_text())["messages"]
     lines = run(tmp_path, server, raw)
-    assert [json.loads(line) for line in lines] == [
+    samples = [json.loads(line) for line in lines]
+    turns = [s.pop("expert_turn") for s in samples]
+    assert samples == [
         {"cid": cid, "session_id": 35310, "diagn": "Upper Respiratory Tract Infection", "messages": msgs[:n],
          "decision_truth": decision, "info_truth": info} for cid, n, decision, info in EXPECTED]
-    assert list(json.loads(lines[0])) == list(preprocess.FIELDS)  # the documented field order
+    assert turns == EXPERT_TURNS
+    assert list(json.loads(lines[0])) == [*preprocess.FIELDS, "expert_turn"]  # the documented field order
     assert preprocess.load_samples(tmp_path / "out.jsonl")  # l2a reads it
 
     # One request per continue sample (six), none for the stop; two retries for the "Sure" future.

@@ -1,5 +1,5 @@
 """scripts/sweep.py's table and resumption, scripts/answers.py's fixed choice of prompts, and
-scripts/judge_check.py's pairing of a sample with the expert's next turn."""
+scripts/judge_check.py's regrading of a run's logs."""
 
 import json
 import subprocess
@@ -73,17 +73,6 @@ def test_answers_takes_the_first_prompts_of_each_decision_in_file_order(tmp_path
                           "--stop", "1"], capture_output=True, text=True, check=True).stdout.splitlines()
     assert [line.split(" | ")[1] for line in out[2:]] == ["message 1", "message 2", "message 0"]
     assert out[2].endswith("| before c1 0 \\| x (**1.0**) | after c1 0 \\| x (**1.0**) |")
-
-
-def test_judge_check_pairs_each_continue_sample_with_the_experts_next_turns():
-    turns = [("user", "I have a cough."), ("assistant", "I see."), ("assistant", "Since when?"),
-             ("user", "Two days."), ("assistant", "Is it dry?"), ("user", "Yes."), ("assistant", "Take this.")]
-    messages = [{"role": r, "content": c} for r, c in turns]
-    cut = {1: "continue", 4: "continue", 6: "stop"}  # where the processed data cuts this session
-    samples = [{"cid": f"s_{n}", "session_id": 7, "messages": messages[:i], "decision_truth": d,
-                "info_truth": []} for n, (i, d) in enumerate(cut.items(), 1)]
-    pairs = judge_check.expert_questions(samples)
-    assert sorted((s["cid"], q) for s, q in pairs) == [("s_1", "I see. Since when?"), ("s_2", "Is it dry?")]
 
 
 def test_judge_check_regrades_a_runs_logs(tmp_path):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # the repo root, for preprocess.py
-from preprocess import decision_truth, split_session  # noqa: E402
+from preprocess import decision_truth, expert_turn, split_session  # noqa: E402
 
 SEED = 1234
 TRAIN_SAMPLES = 240  # sessions go to train until it has this many samples, then to test
@@ -395,7 +395,7 @@ def session_samples(session_id, complaint, msgs, asks):
             continue
         samples.append(dict(cid=f"{session_id}_{n}", session_id=session_id,
                             diagn=complaint["diagn"], messages=context,
-                            decision_truth=decision, info_truth=info))
+                            decision_truth=decision, info_truth=info, expert_turn=expert_turn(future)))
     return samples
 
 
