@@ -26,6 +26,7 @@ import threading
 import time
 import urllib.parse
 import warnings
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from email.utils import parsedate_to_datetime
 from statistics import pstdev
@@ -33,6 +34,17 @@ from statistics import pstdev
 import requests
 
 STOP = "<stop />"
+
+# Questions a pharmacist may ask any patient, whatever the complaint. With <stop /> and the experts' own
+# commonest turns they are the candidates for the constant baseline: the best answer that reads nothing.
+GENERIC_QUESTIONS = ("How long have you had it?", "When did it start?", "Where is it?", "How bad is it?",
+                     "What does it feel like?", "What makes it worse?", "Do you have any other symptoms?")
+EXPERT_CANDIDATES = 20  # the commonest expert turns of the training split that compete too
+
+
+def constant_candidates(samples: list[dict]) -> list[str]:
+    turns = Counter(s["expert_turn"] for s in samples if s.get("expert_turn"))
+    return list(dict.fromkeys([*GENERIC_QUESTIONS, STOP, *(t for t, _ in turns.most_common(EXPERT_CANDIDATES))]))
 
 
 def fuse(rs: float, ra: float, p: float, mode: str) -> float:

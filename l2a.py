@@ -84,6 +84,11 @@ DEFAULTS = {
         "aggregation": "token",  # token | sequence | constant
         "logprob_chunk": 2048,  # tokens per vocabulary-projection chunk
     },
+    "sft": {  # a supervised warm start on the logs' expert turns before GRPO (warm_start_step); the task's data
+        "steps": 0,  # 0: none; the run is then sft.steps + train.steps steps long
+        "prompts_per_step": 8,  # over all ranks; must divide by the number of ranks
+        "lr": 3e-4,
+    },
     "eval": {  # the Learn-to-Ask evaluation protocol: k rollouts per test prompt, graded by the judge
         "every": 0,  # steps between evaluations while training (0: only before and after)
         "prompts": 0,  # test prompts evaluated (0: all of them)
@@ -440,6 +445,39 @@ def evaluate(model, tokenizer, samples, prompt_ids, cfg, reward_fn, rollout_metr
     return summarize(rows, k), rows
 
 
+CONSTANT_CHOSEN_ON = 500  # training prompts on which the constant answer is chosen: enough to rank a few
+                         # dozen candidates, few enough for an LLM judge (its cache keeps them after)
+
+
+def reference_evaluations(train_samples, test_samples, reward_fn, rollout_metrics):
+    """The two rows every evaluation is read against, as summaries like evaluate's: "constant", the one
+    answer that scores best on (up to CONSTANT_CHOSEN_ON of) the training prompts, said to every test
+    prompt, which is what a policy that reads nothing can reach; "expert", the expert's own next turn
+    on each test prompt, the judge's ceiling. Both are fixed answers, graded once (spread 0); the
+    grading is shared out over the ranks, since an LLM judge makes it thousands of calls."""
+    chosen_on = train_samples[:CONSTANT_CHOSEN_ON]
+    candidates = judge.constant_candidates(train_samples)
+    scores = graded([(s, c) for c in candidates for s in chosen_on], reward_fn)
+    means = [mean_scores(scores[i * len(chosen_on):(i + 1) * len(chosen_on)]).get("reward", -math.inf)
+             for i in range(len(candidates))]
+    constant = candidates[max(range(len(candidates)), key=means.__getitem__)]
+    experts = [s for s in test_samples if s.get("expert_turn") is not None]
+    pairs = {"constant": [(s, constant) for s in test_samples], "expert": [(s, s["expert_turn"]) for s in experts]}
+    rows = {}
+    for name, answered in pairs.items():
+        rows[name] = [{"cid": s["cid"], "rollout": 0, "response": r, **score, "metrics": rollout_metrics(s, score)}
+                      for (s, r), score in zip(answered, graded(answered, reward_fn))]
+    if hasattr(reward_fn, "drain_stats"):
+        reward_fn.drain_stats()  # keep the training steps' judge counters their own
+    return {name: (summarize(r, 1), r) for name, r in rows.items()}
+
+
+def graded(pairs, reward_fn):
+    """reward_fn over (sample, response) pairs, each rank grading its share; every rank gets all scores."""
+    mine = [pairs[i] for i in my_share(len(pairs))]
+    return gather_rows(reward_fn([s for s, _ in mine], [r for _, r in mine]) if mine else [])
+
+
 def summarize(rows, k):
     """Each metric's mean over the rollouts where it applies (not None), their count, and its spread: the
     standard deviation of the k means taken over the j-th rollout of every prompt, j = 0 .. k-1.
@@ -709,10 +747,14 @@ def train(cfg, resume=False, reward_fn=None, rollout_metrics=None):
         raise BadInput(f"train.prompts_per_step={t['prompts_per_step']} must divide by the {world} ranks")
     if t["keep_checkpoints"] < 1:
         raise BadInput(f"train.keep_checkpoints = {t['keep_checkpoints']}: keep at least the newest one")
+    if cfg["sft"]["steps"] and (cfg["sft"]["prompts_per_step"] % world or reward_fn is not None):
+        raise BadInput(f"sft: the warm start imitates the Learn-to-Ask data's expert turns (a custom reward has none), "
+                       f"and sft.prompts_per_step={cfg['sft']['prompts_per_step']} must divide by the {world} ranks")
     if g["group_size"] < 2:  # no group would have two rewards to compare: every step would train nothing
         raise BadInput(f"grpo.group_size = {g['group_size']}: GRPO learns by comparing the answers to one "
                        f"prompt, so a group needs at least 2")
-    if reward_fn is None:
+    learn_to_ask = reward_fn is None  # the task whose data holds the expert's turns to measure against
+    if learn_to_ask:
         reward_fn, rollout_metrics = learn_to_ask_reward(cfg), judge.rollout_metrics
     rollout_metrics = rollout_metrics or numeric_fields
     torch.manual_seed(t["seed"])
@@ -739,6 +781,7 @@ def train(cfg, resume=False, reward_fn=None, rollout_metrics=None):
     start_step = state["step"]  # 0 for a fresh run, whose folder holds no checkpoint to continue
     train_samples, train_ids = load_split(cfg, "train_file", train_raw, tokenizer)
     test_samples, test_ids = load_split(cfg, "test_file", test_raw, tokenizer, cfg["eval"]["prompts"])
+    references = reference_evaluations(train_samples, test_samples, reward_fn, rollout_metrics) if learn_to_ask else {}
     if rank == 0:
         for stale in (out_dir / "checkpoints").glob("*.partial"):  # saves that were killed half way
             shutil.rmtree(stale)
@@ -749,6 +792,8 @@ def train(cfg, resume=False, reward_fn=None, rollout_metrics=None):
         if not checkpoint:
             for stale in (out_dir / "eval").glob("step_*"):
                 shutil.rmtree(stale)
+        for name, (summary, rows) in references.items():
+            write_evaluation(out_dir / "eval" / name, summary, rows)
         print(f"{world} rank(s) on {device}, model {model_path}, {len(train_samples)} train and "
               f"{len(test_samples)} test prompts", flush=True)
 
@@ -763,6 +808,12 @@ def train(cfg, resume=False, reward_fn=None, rollout_metrics=None):
         return {f"eval_{name}": m["mean"] for name, m in summary.items()}
 
     per_rank = t["prompts_per_step"] // world
+    warm, total = cfg["sft"]["steps"], cfg["sft"]["steps"] + t["steps"]  # the warm start's steps come first
+    sft_samples = [s for s in train_samples if s.get("expert_turn") is not None]
+    sft_ids = [ids for s, ids in zip(train_samples, train_ids) if s.get("expert_turn") is not None]
+    if warm and not sft_samples:
+        raise BadInput(f"sft.steps = {warm}: no training sample holds an expert_turn to imitate (preprocess.py "
+                       f"writes it)")
     # (missing rewards, rollouts) of recent steps, and the current run of skipped non-finite updates
     recent = deque(state.get("recent_missing", []), maxlen=cfg["judge"]["missing_window"])
     streak, done, saved = state.get("nonfinite_streak", 0), start_step, {"step": start_step, "at": time.monotonic()}
@@ -787,16 +838,22 @@ def train(cfg, resume=False, reward_fn=None, rollout_metrics=None):
                 return out_dir
             if rank == 0:
                 log(out_dir, {"step": 0, **before})
-        bar = tqdm(range(start_step, t["steps"]), initial=start_step, total=t["steps"], disable=rank != 0,
-                   desc="train")
+        bar = tqdm(range(start_step, total), initial=start_step, total=total, disable=rank != 0, desc="train")
         try:
             for step in bar:
-                # Raises StopTraining before its update when too many rewards are missing: nothing of it is kept.
-                metrics = train_step(model, reference, optimizer, tokenizer, train_samples, train_ids, cfg,
-                                     reward_fn, step, per_rank, device, out_dir, recent)
+                if step < warm:
+                    set_lr(optimizer, cfg["sft"]["lr"])
+                    metrics = warm_start_step(model, optimizer, tokenizer, sft_samples, sft_ids, cfg, step, device)
+                else:
+                    if step == warm > 0:  # GRPO starts with fresh AdamW moments: the imitation's are another scale
+                        optimizer.state.clear()
+                    set_lr(optimizer, t["lr"])
+                    # Raises StopTraining before its update when too many rewards are missing: nothing is kept.
+                    metrics = train_step(model, reference, optimizer, tokenizer, train_samples, train_ids, cfg,
+                                         reward_fn, step, per_rank, device, out_dir, recent)
                 done = step + 1
                 streak = streak + 1 if "nonfinite" in metrics else 0
-                if done == t["steps"] or (cfg["eval"]["every"] and done % cfg["eval"]["every"] == 0):
+                if done in (warm, total) or (cfg["eval"]["every"] and done % cfg["eval"]["every"] == 0):
                     metrics.update(evaluate_at(done))
                 if rank == 0:
                     log(out_dir, metrics)
@@ -810,12 +867,12 @@ def train(cfg, resume=False, reward_fn=None, rollout_metrics=None):
                                        f"updates were skipped, so the weights are the last good ones")
                 # Every rank must take these decisions together: a save is a collective.
                 stop, due = any_rank(signalled, time.monotonic() - saved["at"] >= 60 * t["save_minutes"])
-                if done == t["steps"] or stop or due:
+                if done in (warm, total) or stop or due:
                     path = save()
-                if stop and done < t["steps"]:
+                if stop and done < total:
                     if rank == 0:
                         why = signalled[0] if signalled else "a signal to another rank"
-                        tqdm.write(f"stopped after step {done} of {t['steps']} ({why}) and saved {path}; "
+                        tqdm.write(f"stopped after step {done} of {total} ({why}) and saved {path}; "
                                    f"run the same command with --resume to continue")
                     return out_dir
         except StopTraining as e:
@@ -825,45 +882,86 @@ def train(cfg, resume=False, reward_fn=None, rollout_metrics=None):
 
     if rank == 0:
         summaries = {f"step_{s}": json.loads((out_dir / "eval" / f"step_{s}" / "metrics.json").read_text())
-                     for s in (0, t["steps"]) if (out_dir / "eval" / f"step_{s}" / "metrics.json").exists()}
+                     for s in dict.fromkeys((0, warm, total)) if (out_dir / "eval" / f"step_{s}" / "metrics.json").exists()}
+        summaries.update({name: summary for name, (summary, _) in references.items()})
         table = comparison_table(summaries)
         (out_dir / "eval" / "comparison.md").write_text(table)
-        print("test split, before and after training:\n" + table, flush=True)
+        print("test split, before and after training" + (", against the best constant answer and the expert's "
+              "own turn" if references else "") + ":\n" + table, flush=True)
         plot_curves(out_dir)
     return out_dir
 
 
-CURVES = [  # (panel title, metrics.jsonl keys drawn in it)
+CURVES = [  # (panel title, metrics.jsonl keys drawn in it); a panel whose values never move is left out
     ("reward", ["reward_mean", "eval_total_reward"]),
-    ("reward components", ["reward_action", "reward_content", "reward_format"]),
-    ("decision accuracy", ["reward_action", "eval_total_decision_accuracy", "eval_stop_decision_accuracy",
-                           "eval_continue_decision_accuracy"]),
-    ("KL", ["approx_kl", "ref_kl"]),
-    ("clip fraction", ["clip_fraction"]),
+    ("reward components (smoothed)", ["reward_action", "reward_content", "reward_format"]),
+    ("test decision accuracy", ["eval_total_decision_accuracy", "eval_stop_decision_accuracy",
+                                "eval_continue_decision_accuracy"]),
+    ("entropy (a collapse onto a template shows here first)", ["entropy"]),
+    ("warm start loss", ["sft_loss"]),
+    ("KL", ["approx_kl", "ref_kl"]),  # 0 by construction at inner_updates = 1, without a reference
+    ("clip fraction", ["clip_fraction"]),  # likewise
     ("completion length", ["completion_length_mean"]),
     ("step time (s)", ["step_time"]),
 ]
+SMOOTHING = 10  # steps in the moving mean drawn over a noisy per-step training curve
+
+
+def curve_panels(rows, references):
+    """What plot_curves draws: [(title, {label: [(step, value), ...]}, {label: level})], the panels of CURVES
+    that have a value other than their first, each training curve beside its moving mean over SMOOTHING
+    steps, and in the reward panel the references' total rewards as levels."""
+    panels = []
+    for title, keys in CURVES:
+        lines = {}
+        for key in keys:
+            points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+            if not points:
+                continue
+            if key.startswith("eval_") or len(points) < SMOOTHING:
+                lines[key] = points
+                continue
+            if not title.endswith("(smoothed)"):
+                lines[key] = points
+            lines[f"{key} (mean of {SMOOTHING})"] = moving_mean(points, SMOOTHING)
+        if any(v != points[0][1] for points in lines.values() for _, v in points):
+            levels = {f"{name} (total reward)": value for name, value in references.items()} if title == "reward" else {}
+            panels.append((title, lines, levels))
+    return panels
+
+
+def moving_mean(points, n):
+    values = [v for _, v in points]
+    return [(step, sum(values[max(0, i + 1 - n):i + 1]) / min(i + 1, n)) for i, (step, _) in enumerate(points)]
 
 
 def plot_curves(run_dir):
-    """Draw run_dir/metrics.jsonl into run_dir/curves.png, one panel per CURVES entry; returns the path."""
+    """Draw run_dir/metrics.jsonl into run_dir/curves.png (curve_panels), with the constant and expert rows of
+    run_dir/eval/ where the run wrote them; returns the path."""
     # matplotlib keeps a font cache in ~/.cache unless told otherwise; a run writes only under its folder
     os.environ.setdefault("MPLCONFIGDIR", str(Path(run_dir) / ".matplotlib"))
     import matplotlib
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    fig, axes = plt.subplots(2, 4, figsize=(18, 7.5))
-    for ax, (title, keys) in zip(axes.flat, CURVES):
-        for key in keys:
-            points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-            if points:
-                ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, ms=3, label=key)
-        ax.set_title(title)
+    references = {name: json.loads(path.read_text())["total_reward"]["mean"]
+                  for name in ("constant", "expert") if (path := Path(run_dir) / "eval" / name / "metrics.json").exists()}
+    panels = curve_panels(rows, references)
+    columns = min(4, max(len(panels), 1))
+    fig, axes = plt.subplots(math.ceil(len(panels) / columns) or 1, columns, figsize=(4.5 * columns, 3.8 *
+                             max(1, math.ceil(len(panels) / columns))), squeeze=False)
+    for ax, (title, lines, levels) in zip(axes.flat, panels):
+        for label, points in lines.items():
+            raw = label in dict(CURVES).get(title, []) and f"{label} (mean of {SMOOTHING})" in lines
+            ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, ms=3, label=label,
+                    alpha=0.3 if raw else 1.0)
+        for (label, level), style in zip(levels.items(), ("--", ":")):
+            ax.axhline(level, color="gray", linestyle=style, label=label)
+        ax.set_title(title, fontsize=9)
         ax.set_xlabel("step")
-        if ax.lines:
-            ax.legend(fontsize=7)
-    axes.flat[-1].axis("off")
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
     fig.tight_layout()
     path = Path(run_dir) / "curves.png"
     fig.savefig(path, dpi=80)
@@ -928,8 +1026,10 @@ def train_step(model, reference, optimizer, tokenizer, samples, prompt_ids, cfg,
     score (score_rollouts), update (update_policy), log (log_step). Returns the step's metrics."""
     t, G = cfg["train"], cfg["grpo"]["group_size"]
     rank, started = dist.get_rank(), time.perf_counter()
-    indices = step_indices(len(samples), step, t["prompts_per_step"], t["seed"])[rank * per_rank:][:per_rank]
-    seeds = row_seeds(t["seed"], step, rank * per_rank, per_rank, G)
+    # A GRPO step's prompts and seeds do not depend on a warm start: runs with and without one see the same
+    grpo_step = step - cfg["sft"]["steps"]
+    indices = step_indices(len(samples), grpo_step, t["prompts_per_step"], t["seed"])[rank * per_rank:][:per_rank]
+    seeds = row_seeds(t["seed"], grpo_step, rank * per_rank, per_rank, G)
     result, responses = rollout(model, tokenizer, [prompt_ids[i] for i in indices], cfg["grpo"], seeds, G)
     times = {"sampling_time": time.perf_counter() - started}
     row_samples = [samples[i] for i in indices for _ in range(G)]
@@ -945,6 +1045,53 @@ def train_step(model, reference, optimizer, tokenizer, samples, prompt_ids, cfg,
     totals["prompt_tokens"] = result.prompt_mask[::G].sum().item()  # each prompt once, as the trainer runs it
     metrics = log_step(step, rows, totals, judge_stats, grad_norm, fault, times, cfg, device, out_dir)
     return {**metrics, "step_time": time.perf_counter() - started}
+
+
+def warm_start_step(model, optimizer, tokenizer, samples, prompt_ids, cfg, step, device):
+    """One supervised step on the experts' next turns: the cross-entropy of each turn (then EOS) given
+    its consultation, which is minus the log-probs the trainer already scores answers with
+    (grpo.token_logprobs), averaged over the batch's tokens on every rank.
+
+    Why before GRPO: a policy that never samples <stop /> is never rewarded for it, so GRPO alone cannot
+    teach it when to stop, and a small model's first questions are rarely about the consultation.
+    Imitating the experts puts both within reach, and GRPO then chooses among what it samples. The
+    Learn-to-Ask paper reports SFT as a baseline that its RL beats; this is that baseline as a start."""
+    t, s = cfg["train"], cfg["sft"]
+    rank, world, started = dist.get_rank(), dist.get_world_size(), time.perf_counter()
+    per_rank = s["prompts_per_step"] // world
+    indices = step_indices(len(samples), step, s["prompts_per_step"], t["seed"])[rank * per_rank:][:per_rank]
+    eos = eos_ids(tokenizer)[0]
+    targets = [tokenizer(samples[i]["expert_turn"], add_special_tokens=False)["input_ids"]
+               [:cfg["grpo"]["max_new_tokens"] - 1] + [eos] for i in indices]  # no longer than an answer may be
+    prompt, prompt_mask = grpo.left_pad([prompt_ids[i] for i in indices], tokenizer.pad_token_id)
+    width = max(map(len, targets))
+    target = torch.tensor([ids + [tokenizer.pad_token_id] * (width - len(ids)) for ids in targets])
+    target_mask = (torch.arange(width) < torch.tensor(list(map(len, targets)))[:, None]).long()
+    ids, mask = (torch.cat(pair, 1).to(device) for pair in ((prompt, target), (prompt_mask, target_mask)))
+    target_mask = target_mask.to(device)
+    tokens = target_mask.sum().float()
+    dist.all_reduce(tokens)  # the global token count, before any backward: ranks and micro-batches weigh alike
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = 0.0
+    for b in range(0, len(indices), t["micro_batch_size"]):
+        rows = slice(b, b + t["micro_batch_size"])
+        logprobs, _ = grpo.token_logprobs(model, ids[rows], mask[rows], width, 1.0, cfg["grpo"]["logprob_chunk"])
+        loss = -(logprobs * target_mask[rows]).sum() / tokens
+        loss.backward()
+        loss_sum += loss.item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    fault = nonfinite(loss_sum, grad_norm)
+    if fault:
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        optimizer.step()
+    loss = torch.tensor([loss_sum], dtype=torch.float64)
+    dist.all_reduce(loss)  # each rank's share is already over the global token count: they add up
+    return {"step": step + 1, "sft_loss": loss.item(), "sft_tokens": tokens.item(),
+            "grad_norm": None if fault else grad_norm.item(), "updated": fault is None,
+            **({"nonfinite": fault, "nonfinite_cids": sorted(samples[i]["cid"] for i in indices)} if fault else {}),
+            "step_time": time.perf_counter() - started}
 
 
 def score_rollouts(reward_fn, row_samples, responses, cfg, recent):
@@ -1097,6 +1244,8 @@ def score_rows(model, result, rows, group_size, share, temperature, chunk_tokens
 
 def progress_numbers(metrics):
     """What the training bar shows: the numbers a user watches move (the KL is 0 at mu = 1)."""
+    if "sft_loss" in metrics:
+        return {"warm start loss": f"{metrics['sft_loss']:.3f}"}
     shown = {"reward": f"{metrics['reward_mean']:.3f}"}
     if "reward_action" in metrics:  # the Learn-to-Ask judge's decision score: decision accuracy
         shown["decision_acc"] = f"{metrics['reward_action']:.2f}"
@@ -1112,6 +1261,11 @@ def nonfinite(loss, grad_norm):
     return "loss" if bad_loss else "grad_norm" if not grad_norm.isfinite() else None
 
 
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 def add(totals, **values):
     for k, v in values.items():
         totals[k] = totals.get(k, 0.0) + v
@@ -1119,11 +1273,12 @@ def add(totals, **values):
 
 def evaluate_models(cfg, checkpoints):
     """--eval: each model (a checkpoint folder, or "base" for model.path) on the test split with the
-    evaluation protocol; per-model metrics and rollouts under output_dir/eval/<name>/, and one table."""
+    evaluation protocol, beside the constant and expert rows (reference_evaluations); per-model metrics
+    and rollouts under output_dir/eval/<name>/, and one table."""
     device = setup_distributed()
     reward_fn = learn_to_ask_reward(cfg)
     out_dir = Path(cfg["train"]["output_dir"]) / "eval"
-    test_raw = read_split(cfg, "test_file")
+    train_raw, test_raw = read_split(cfg, "train_file"), read_split(cfg, "test_file")
     check_writable(out_dir)
     paths = {given: resolve_model_path(cfg["model"]["path"] if given == "base" else given)
              for given in checkpoints or ["base"]}
@@ -1137,6 +1292,12 @@ def evaluate_models(cfg, checkpoints):
         if dist.get_rank() == 0:
             write_evaluation(out_dir / name, summaries[name], rows)
         del model
+    train_samples, _ = load_split(cfg, "train_file", train_raw, tokenizer)
+    for name, (summary, rows) in reference_evaluations(train_samples, samples, reward_fn,
+                                                       judge.rollout_metrics).items():
+        summaries[name] = summary
+        if dist.get_rank() == 0:
+            write_evaluation(out_dir / name, summary, rows)
     if dist.get_rank() == 0:
         table = comparison_table(summaries)
         (out_dir / "comparison.md").write_text(table)

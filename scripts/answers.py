@@ -1,11 +1,16 @@
 """A run's answers before and after training, side by side, for prompts chosen by a fixed rule (never
-by hand): the first rollout of the first N test prompts of each expert decision, in file order.
+by hand): the first rollout of the first N test prompts of each expert decision, in file order. Then,
+for every evaluation of the run, the counts that tell learning from a template: how many of the
+answers to continue prompts are distinct, their commonest opening, and how often <stop /> was said.
 
     python scripts/answers.py runs/demo            # N = 4 continue and 2 stop prompts
 """
 import argparse
 import json
+from collections import Counter
 from pathlib import Path
+
+STOP = "<stop />"
 
 
 def rollouts(folder):
@@ -35,6 +40,21 @@ def main():
         truth = s["decision_truth"] + (f" ({'; '.join(s['info_truth'])})" if s["info_truth"] else "")
         last = next(m["content"] for m in reversed(s["messages"]) if m["role"] == "user")
         print(f"| {truth} | {last} | {cell(before[(s['cid'], 0)])} | {cell(after[(s['cid'], 0)])} |")
+    decision = {s["cid"]: s["decision_truth"] for s in samples}
+    print("\n| evaluation | distinct continue answers | commonest opening (first 3 words) | <stop /> said on stop "
+          "prompts | on continue prompts |\n|---|---|---|---|---|")
+    for folder in evals:
+        print(counts(folder.name, rollouts(folder).values(), decision))
+
+
+def counts(name, rows, decision):
+    """One row of the counts table; answers are compared with their whitespace normalised."""
+    answers = {d: [" ".join(r["response"].split()) for r in rows if decision[r["cid"]] == d] for d in ("continue", "stop")}
+    cont = answers["continue"]
+    opening, n = Counter(" ".join(a.split()[:3]) for a in cont).most_common(1)[0] if cont else ("", 0)
+    said = {d: f"{sum(STOP in a for a in answers[d])} of {len(answers[d])}" for d in answers}
+    return (f"| {name} | {len(set(cont))} of {len(cont)} | {opening.replace('|', chr(92) + '|')!r} ({n}) | "
+            f"{said['stop']} | {said['continue']} |")
 
 
 if __name__ == "__main__":

@@ -128,3 +128,18 @@ def test_calibration_command_with_the_rules_judge_agrees_exactly(tmp_path):
                          "--calibrate", str(rollouts), "--repeats", "3"])
     assert report["graded_responses"] == 15 and report["agreement"] == 1.0 and report["content_std"] == 0.0
     assert json.loads((tmp_path / "calibration.json").read_text()) == report
+
+
+def test_curves_leave_out_what_cannot_move_and_draw_the_references():
+    rows = [{"step": 0, "eval_total_reward": 1.0}] + [
+        {"step": i, "reward_mean": float(i % 2), "approx_kl": 0.0, "clip_fraction": 0.0, "entropy": 2.0 - i / 20,
+         "reward_action": 1.0, "reward_content": 0.1 * i, "reward_format": 0.5} for i in range(1, 13)]
+    panels = {title: (lines, levels) for title, lines, levels in l2a.curve_panels(rows, {"constant": 2.2, "expert": 3.8})}
+    assert "KL" not in panels and "clip fraction" not in panels and "warm start loss" not in panels  # never move
+    lines, levels = panels["reward"]
+    assert levels == {"constant (total reward)": 2.2, "expert (total reward)": 3.8}
+    assert lines["eval_total_reward"] == [(0, 1.0)] and len(lines["reward_mean"]) == 12
+    assert lines["reward_mean (mean of 10)"][1] == (2, 0.5) and lines["reward_mean (mean of 10)"][11] == (12, 0.5)
+    components, _ = panels["reward components (smoothed)"]
+    assert set(components) == {f"reward_{k} (mean of 10)" for k in ("action", "content", "format")}
+    assert "entropy" in panels["entropy (a collapse onto a template shows here first)"][0]

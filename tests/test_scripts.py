@@ -8,6 +8,7 @@ import sys
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))
+import answers  # noqa: E402
 import judge_check  # noqa: E402
 import sweep  # noqa: E402
 
@@ -71,8 +72,19 @@ def test_answers_takes_the_first_prompts_of_each_decision_in_file_order(tmp_path
                                         "reward": 1.0}) + "\n")
     out = subprocess.run([sys.executable, str(ROOT / "scripts/answers.py"), str(tmp_path), "--continue", "2",
                           "--stop", "1"], capture_output=True, text=True, check=True).stdout.splitlines()
-    assert [line.split(" | ")[1] for line in out[2:]] == ["message 1", "message 2", "message 0"]
+    assert [line.split(" | ")[1] for line in out[2:5]] == ["message 1", "message 2", "message 0"]
     assert out[2].endswith("| before c1 0 \\| x (**1.0**) | after c1 0 \\| x (**1.0**) |")
+    # the counts of every evaluation: 3 continue prompts x 2 rollouts, all distinct; no <stop /> said
+    assert out[-2:] == ["| step_0 | 6 of 6 | 'before c1 0' (1) | 0 of 4 | 0 of 6 |",
+                        "| step_40 | 6 of 6 | 'after c1 0' (1) | 0 of 4 | 0 of 6 |"]
+
+
+def test_answers_counts_a_template_and_the_stops():
+    decision = {"a": "continue", "b": "continue", "c": "stop"}
+    rows = [{"cid": c, "response": r} for c, r in [("a", "How long have you had it?"), ("a", " How long  have you had it? "),
+                                                   ("b", "How long does it last?"), ("c", "<stop />"),
+                                                   ("c", "Take this.")]]
+    assert answers.counts("step_9", rows, decision) == "| step_9 | 2 of 3 | 'How long have' (2) | 1 of 2 | 0 of 3 |"
 
 
 def test_judge_check_regrades_a_runs_logs(tmp_path):

@@ -437,3 +437,84 @@ def test_sampling_gathers_parameters_once_not_per_token(tiny_model_dir, tmp_path
         short, long, per_step = json.loads((tmp_path / str(rank)).read_text())
         assert short == long == 3, "one all-gather per FSDP unit (2 layers + root), whatever the length"
         assert per_step >= 10 * 2, "without gathered(), every decode step gathers the layers again"
+
+
+# ----------------------------------------------------------------------------- warm start and reference rows
+
+def test_warm_start_loss_and_gradient_equal_a_naive_cross_entropy(tiny_model_dir):
+    """warm_start_step's loss is the token-mean cross-entropy of the expert turns (then EOS) given their
+    prompts, and its gradient is that of the naive loss on Transformers' own logits."""
+    cfg = l2a.load_config(ROOT / "config.toml", ["model.dtype='float32'", "sft.prompts_per_step=3",
+                                                 "train.micro_batch_size=2"])
+    l2a.setup_distributed()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    samples, ids, _ = l2a.encode_prompts(l2a.preprocess.load_samples(ROOT / "data/demo/train.jsonl")[:3], tokenizer,
+                                         4096)
+    model = l2a.load_model(str(tiny_model_dir), cfg, torch.device("cpu"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # keeps the gradient for a look, changes nothing
+    said = l2a.warm_start_step(model, optimizer, tokenizer, samples, ids, cfg, 0, torch.device("cpu"))
+
+    naive = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    order = l2a.step_indices(3, 0, 3, cfg["train"]["seed"])
+    total, count = 0.0, 0
+    for i in order:  # one row at a time, no padding anywhere
+        target = tokenizer(samples[i]["expert_turn"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        row = torch.tensor([ids[i] + target])
+        logp = naive(row).logits[0, len(ids[i]) - 1:-1].log_softmax(-1)
+        total = total - logp.gather(-1, torch.tensor(target)[:, None]).sum()
+        count += len(target)
+    (total / count).backward()
+    assert said["sft_loss"] == pytest.approx((total / count).item(), rel=1e-5) and said["sft_tokens"] == count
+    grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
+    clipped = min(1.0, cfg["train"]["grad_clip"] / (said["grad_norm"] + 1e-6))  # as clip_grad_norm_ scales them
+    assert grads.keys() == dict(naive.named_parameters()).keys()
+    for name, p in naive.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad * clipped, rtol=1e-4, atol=1e-6)
+
+
+def test_reference_rows_choose_the_best_constant_on_train_and_grade_the_expert_on_test():
+    import judge
+    samples = {split: l2a.preprocess.load_samples(ROOT / f"data/demo/{split}.jsonl") for split in ("train", "test")}
+    test = samples["test"][:20]  # the default's test prompts
+    reward_fn = judge.make_reward_fn({"backend": "rules", "fusion": "multiplicative"})
+    l2a.setup_distributed()
+    rows = l2a.reference_evaluations(samples["train"], test, reward_fn, judge.rollout_metrics)
+
+    def mean(split, answer):
+        return sum(x["reward"] for x in reward_fn(split, [answer] * len(split))) / len(split)
+
+    best = max(judge.constant_candidates(samples["train"]), key=lambda c: mean(samples["train"], c))
+    constant, constant_rows = rows["constant"]
+    assert {r["response"] for r in constant_rows} == {best}
+    assert constant["total_reward"]["mean"] == pytest.approx(mean(test, best))
+    assert constant["total_reward"]["mean"] >= mean(test, "How long have you had it?") == pytest.approx(2.17)
+    expert, expert_rows = rows["expert"]
+    assert [r["response"] for r in expert_rows] == [s["expert_turn"] for s in test]
+    assert expert["stop_decision_accuracy"]["mean"] == 1.0 and expert["total_reward"]["mean"] > 3.5
+
+
+def test_a_warm_started_run_resumes_across_the_switch_to_grpo_exactly(tiny_model_dir, tmp_path):
+    """Two warm start steps then one GRPO step, straight, against a run stopped after the warm start
+    (train.steps = 0) and resumed: the same final weights, bit for bit (one process, float32)."""
+    sections = {"sft": {"steps": 2, "prompts_per_step": 4}, "model": {"dtype": "float32"},
+                "train": {"steps": 1, "save_minutes": 0.0}}
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    l2a_run(write_config(tmp_path / "a.toml", tiny_model_dir, straight, **sections))
+    config = write_config(tmp_path / "b.toml", tiny_model_dir, stopped, **sections)
+    l2a_run(config, "--set", "train.steps=0")
+    l2a_run(config, "--resume")
+    lines = metric_lines(straight)
+    assert [m["step"] for m in lines] == [0, 1, 2, 3] and "sft_loss" in lines[1] and "reward_mean" in lines[3]
+    assert "eval_total_reward" in lines[2] and "eval_total_reward" in lines[3]  # after the warm start, at the end
+    assert [(m.get("sft_loss"), m.get("reward_mean")) for m in lines] == \
+           [(m.get("sft_loss"), m.get("reward_mean")) for m in metric_lines(stopped)]
+    a, b = weights(straight / "checkpoints/step_3"), weights(stopped / "checkpoints/step_3")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    table = (straight / "eval/comparison.md").read_text()
+    assert table.startswith("| metric | step_0 | step_2 | step_3 | constant | expert |")
+
+
+def l2a_run(config, *args):
+    result = subprocess.run([sys.executable, str(ROOT / "l2a.py"), "--config", str(config), *args], capture_output=True,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
