@@ -62,6 +62,7 @@ class Rollout:
     completion_mask: torch.Tensor  # [B, T] 1 on sampled tokens, up to and including EOS / the stop string
     logprobs: torch.Tensor  # [B, T] log-prob of each sampled token under the tempered untruncated policy; 0 on pad
     finished: torch.Tensor  # [B] True if the row ended by EOS or a stop string, False if it hit the length cap
+    sampled: torch.Tensor | None = None  # [B] False where a row was put in, not drawn (with_guides); None: all drawn
 
 
 def left_pad(prompts, pad_token_id):
@@ -197,6 +198,34 @@ def sample(model, prompts, group_size, max_new_tokens, eos_token_ids, pad_token_
     completion_mask = (torch.arange(width, device=device) < lengths[:, None]).long()
     return Rollout(prompt_ids.repeat_interleave(group_size, 0), prompt_mask.repeat_interleave(group_size, 0),
                    completion_ids[:, :width], completion_mask, logprobs[:, :width], finished)
+
+
+def with_guides(rollout, guides, group_size, pad_token_id):
+    """The rollout with the last completion of each group replaced by a guide: token ids (ending in EOS)
+    that did not come from the policy, such as an expert's answer to that prompt. Guided groups (LUFFY,
+    arXiv 2504.14945) let a policy learn what it never samples: a stop it never says, a question it
+    never asks, is still rewarded in its group, and its advantage says how much better it did there.
+
+    The guide is scored and trained like a sampled row: the trainer recomputes its old log-probs, so its
+    ratio starts at 1 and its gradient is A * grad log pi(guide), imitation weighted by the advantage. That
+    is biased, knowingly: pi did not draw the guide, and the importance weight pi / mu of a deterministic
+    expert mu is undefined. LUFFY reshapes the term as f(pi) = pi / (pi + gamma) so that improbable expert
+    tokens still teach; the plain form is used here. The guide also raises its group's mean, so sampled
+    answers are judged against the expert as well as each other. Its sampler log-probs are 0 (never drawn)
+    and `sampled` marks it, so that sampler statistics leave it out."""
+    rows = list(range(group_size - 1, len(rollout.completion_ids), group_size))
+    width = max(rollout.completion_ids.size(1), max(map(len, guides)))
+    grow = width - rollout.completion_ids.size(1)
+    ids = torch.nn.functional.pad(rollout.completion_ids, (0, grow), value=pad_token_id)
+    mask, logprobs = (torch.nn.functional.pad(x, (0, grow)) for x in (rollout.completion_mask, rollout.logprobs))
+    finished, sampled = rollout.finished.clone(), torch.ones_like(rollout.finished)
+    for row, guide in zip(rows, guides, strict=True):
+        ids[row] = pad_token_id
+        ids[row, :len(guide)] = torch.tensor(guide)
+        mask[row], logprobs[row] = 0, 0.0
+        mask[row, :len(guide)] = 1
+        finished[row], sampled[row] = True, False
+    return Rollout(rollout.prompt_ids, rollout.prompt_mask, ids, mask, logprobs, finished, sampled)
 
 
 def token_logprobs(model, input_ids, attention_mask, n_completion, temperature=1.0, chunk_tokens=2048):

@@ -82,6 +82,7 @@ DEFAULTS = {
         "kl_coef": 0.0,  # beta; > 0 loads a frozen reference model
         "scale_by_std": True,  # False: Dr. GRPO advantages
         "aggregation": "token",  # token | sequence | constant
+        "expert_in_group": False,  # the expert's turn as each group's last member (grpo.with_guides)
         "logprob_chunk": 2048,  # tokens per vocabulary-projection chunk
     },
     "sft": {  # a supervised warm start on the logs' expert turns before GRPO (warm_start_step); the task's data
@@ -747,9 +748,11 @@ def train(cfg, resume=False, reward_fn=None, rollout_metrics=None):
         raise BadInput(f"train.prompts_per_step={t['prompts_per_step']} must divide by the {world} ranks")
     if t["keep_checkpoints"] < 1:
         raise BadInput(f"train.keep_checkpoints = {t['keep_checkpoints']}: keep at least the newest one")
-    if cfg["sft"]["steps"] and (cfg["sft"]["prompts_per_step"] % world or reward_fn is not None):
-        raise BadInput(f"sft: the warm start imitates the Learn-to-Ask data's expert turns (a custom reward has none), "
-                       f"and sft.prompts_per_step={cfg['sft']['prompts_per_step']} must divide by the {world} ranks")
+    if (cfg["sft"]["steps"] or g["expert_in_group"]) and reward_fn is not None:
+        raise BadInput("sft.steps and grpo.expert_in_group learn from the Learn-to-Ask data's expert turns, which "
+                       "a custom reward's task does not have")
+    if cfg["sft"]["steps"] and cfg["sft"]["prompts_per_step"] % world:
+        raise BadInput(f"sft.prompts_per_step={cfg['sft']['prompts_per_step']} must divide by the {world} ranks")
     if g["group_size"] < 2:  # no group would have two rewards to compare: every step would train nothing
         raise BadInput(f"grpo.group_size = {g['group_size']}: GRPO learns by comparing the answers to one "
                        f"prompt, so a group needs at least 2")
@@ -811,9 +814,9 @@ def train(cfg, resume=False, reward_fn=None, rollout_metrics=None):
     warm, total = cfg["sft"]["steps"], cfg["sft"]["steps"] + t["steps"]  # the warm start's steps come first
     sft_samples = [s for s in train_samples if s.get("expert_turn") is not None]
     sft_ids = [ids for s, ids in zip(train_samples, train_ids) if s.get("expert_turn") is not None]
-    if warm and not sft_samples:
-        raise BadInput(f"sft.steps = {warm}: no training sample holds an expert_turn to imitate (preprocess.py "
-                       f"writes it)")
+    if (warm and not sft_samples) or (g["expert_in_group"] and len(sft_samples) < len(train_samples)):
+        raise BadInput(f"{cfg['data']['train_file']}: sft.steps and grpo.expert_in_group need each sample's "
+                       f"expert_turn (preprocess.py writes it), and {len(train_samples) - len(sft_samples)} lack it")
     # (missing rewards, rollouts) of recent steps, and the current run of skipped non-finite updates
     recent = deque(state.get("recent_missing", []), maxlen=cfg["judge"]["missing_window"])
     streak, done, saved = state.get("nonfinite_streak", 0), start_step, {"step": start_step, "at": time.monotonic()}
@@ -1031,6 +1034,12 @@ def train_step(model, reference, optimizer, tokenizer, samples, prompt_ids, cfg,
     indices = step_indices(len(samples), grpo_step, t["prompts_per_step"], t["seed"])[rank * per_rank:][:per_rank]
     seeds = row_seeds(t["seed"], grpo_step, rank * per_rank, per_rank, G)
     result, responses = rollout(model, tokenizer, [prompt_ids[i] for i in indices], cfg["grpo"], seeds, G)
+    if cfg["grpo"]["expert_in_group"]:
+        turns = [samples[i]["expert_turn"] for i in indices]
+        guides = [tokenizer(turn, add_special_tokens=False)["input_ids"][:cfg["grpo"]["max_new_tokens"] - 1]
+                  + [eos_ids(tokenizer)[0]] for turn in turns]
+        result = grpo.with_guides(result, guides, G, tokenizer.pad_token_id)
+        responses[G - 1::G] = [tokenizer.decode(ids, skip_special_tokens=True) for ids in guides]
     times = {"sampling_time": time.perf_counter() - started}
     row_samples = [samples[i] for i in indices for _ in range(G)]
     scores, rewards, judge_stats = score_rollouts(reward_fn, row_samples, responses, cfg, recent)
@@ -1038,8 +1047,9 @@ def train_step(model, reference, optimizer, tokenizer, samples, prompt_ids, cfg,
     advantages, totals, grad_norm, fault = update_policy(model, reference, optimizer, result, rewards, cfg)
     times["update_time"] = time.perf_counter() - updated
     prompts = [tokenizer.decode(prompt_ids[i]) for i in indices]
+    drawn = result.sampled if result.sampled is not None else torch.ones_like(result.finished)
     rows = [{"cid": s["cid"], "prompt": prompts[j // G], "response": r, "advantage": a.item(), "length": n.item(),
-             "finished": f.item(), **grade}
+             "finished": f.item(), **({} if drawn[j] else {"expert": True}), **grade}
             for j, (s, r, a, n, f, grade) in enumerate(zip(row_samples, responses, advantages,
                                                            result.completion_mask.sum(1), result.finished, scores))]
     totals["prompt_tokens"] = result.prompt_mask[::G].sum().item()  # each prompt once, as the trainer runs it
@@ -1140,7 +1150,8 @@ def update_policy(model, reference, optimizer, result, rewards, cfg):
             if mu == 0:  # the sampling policy, recomputed by the trainer so both sides of rho match
                 old_logprobs[b.start] = logprobs.detach()
                 add(totals, first_update_tokens=m.sum().item(), entropy=(entropy * m).sum().item(),
-                    sampler_gap=((logprobs.detach() - result.logprobs[b, :width]).abs() * m).sum().item())
+                    sampler_gap=((logprobs.detach() - result.logprobs[b, :width]).abs() * m *
+                                 (1 if result.sampled is None else result.sampled[b, None])).sum().item())
                 if reference is not None:  # frozen: the same for every update
                     with torch.no_grad():
                         ref_logprobs[b.start], _ = score_rows(reference, result, b, G, share, g["temperature"] or 1.0,
@@ -1171,14 +1182,17 @@ def log_step(step, rows, totals, judge_stats, grad_norm, fault, times, cfg, devi
                    for k in dict.fromkeys(k for p in judge_parts for k in p)}  # latency: the slowest rank's
     tokens = max(totals.get("tokens", 0.0), 1.0)  # summed over the mu updates
     first_update_tokens = max(totals.get("first_update_tokens", 0.0), 1.0)
-    valid = [r["reward"] for r in rows if r["reward"] is not None]
+    drawn = [r for r in rows if not r.get("expert")]  # the policy's own answers; guides are logged apart
+    valid = [r["reward"] for r in drawn if r["reward"] is not None]
+    guides = [r["reward"] for r in rows if r.get("expert") and r["reward"] is not None]
     groups = [rows[i:i + G] for i in range(0, len(rows), G)]
     metrics = {
         "step": step + 1,
         "reward_mean": sum(valid) / max(len(valid), 1),
         "reward_std": torch.tensor(valid).std().item() if len(valid) > 1 else 0.0,
-        **{f"reward_{k}": v for k, v in mean_scores(rows).items() if k not in ("reward", "advantage", "length")},
-        "reward_missing": len(rows) - len(valid),
+        **{f"reward_{k}": v for k, v in mean_scores(drawn).items() if k not in ("reward", "advantage", "length")},
+        **({"expert_reward_mean": sum(guides) / len(guides)} if guides else {}),
+        "reward_missing": len(rows) - len(valid) - len(guides),
         "rollouts": len(rows),
         **{f"judge_{k}": v for k, v in judge_stats.items()},
         "advantage_mean": sum(r["advantage"] for r in rows) / len(rows),

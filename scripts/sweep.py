@@ -23,7 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # (column, metric): the test-split metrics the table shows, before -> after
 SHOWN = [("total reward", "total_reward"), ("format", "format_quality"), ("content", "avg_continue_content"),
-         ("decision acc.", "total_decision_accuracy"), ("stop acc.", "stop_decision_accuracy")]
+         ("decision acc.", "total_decision_accuracy"), ("stop acc.", "stop_decision_accuracy"),
+         ("continue acc.", "continue_decision_accuracy")]
 
 
 def slug(setting):
@@ -51,6 +52,11 @@ def run(config, setting, seed, out):
     before, after = (json.loads((evals[i] / "metrics.json").read_text()) for i in (0, -1))
     record = {"setting": setting, "seed": seed, "wall_s": round(time.monotonic() - started, 1),
               "steps": int(evals[-1].name.split("_")[1]), "before": before, "after": after}
+    warm = json.loads((folder / "config.json").read_text())["sft"]["steps"]
+    # the warm start's own evaluation, and the rows every run is read against
+    for name, place in (("warm_start", f"step_{warm}" if warm else None), ("constant", "constant"), ("expert", "expert")):
+        if place and (folder / "eval" / place / "metrics.json").exists():
+            record[name] = json.loads((folder / "eval" / place / "metrics.json").read_text())
     keep_record(folder, record)
     return record
 
@@ -69,17 +75,26 @@ def cell(before, after, name):
     return f"{b['mean']:.2f} → {a['mean']:.2f}"
 
 
+def total(record, name):
+    return f"{record[name]['total_reward']['mean']:.2f}" if name in record else "–"
+
+
 def table(records):
     """Markdown, one row per run. 'rise / spread' is the total reward's rise over the larger of the two
-    spreads (each the standard deviation of the k per-rollout means of the evaluation)."""
-    lines = ["| setting | seed | wall s | " + " | ".join(c for c, _ in SHOWN) + " | rise / spread |",
-             "|---" * (len(SHOWN) + 4) + "|"]
+    spreads (each the standard deviation of the k per-rollout means of the evaluation); 'warm start',
+    'constant' and 'expert' are total rewards, and 'after - constant' is what the run adds to the best
+    answer that reads nothing."""
+    lines = ["| setting | seed | wall s | " + " | ".join(c for c, _ in SHOWN) + " | warm start | constant | expert "
+             "| after - constant | rise / spread |", "|---" * (len(SHOWN) + 8) + "|"]
     for r in records:
         b, a = r["before"]["total_reward"], r["after"]["total_reward"]
         spread = max(b["spread"], a["spread"])
         ratio = (a["mean"] - b["mean"]) / spread if spread else float("inf")
+        margin = f"{a['mean'] - r['constant']['total_reward']['mean']:+.2f}" if "constant" in r else "–"
         lines.append(f"| {r['setting'] or 'config.toml'} | {r['seed']} | {r['wall_s']:.0f} | "
-                     + " | ".join(cell(r["before"], r["after"], m) for _, m in SHOWN) + f" | {ratio:+.1f} |")
+                     + " | ".join(cell(r["before"], r["after"], m) for _, m in SHOWN)
+                     + f" | {total(r, 'warm_start')} | {total(r, 'constant')} | {total(r, 'expert')} | {margin} "
+                     f"| {ratio:+.1f} |")
     return "\n".join(lines)
 
 

@@ -23,7 +23,9 @@ def test_sweep_table_divides_the_rise_by_the_larger_spread():
               "before": metrics(1.0, 0.1, format_quality=0.25), "after": metrics(1.6, 0.2, format_quality=0.75)}
     row = sweep.table([record]).splitlines()[-1]
     assert row.startswith("| train.lr=1e-4 | 3 | 301 | 1.00 → 1.60 | 0.25 → 0.75 | – |")
-    assert row.endswith("| +3.0 |")  # (1.6 - 1.0) / max(0.1, 0.2)
+    assert row.endswith("| – | – | – | – | +3.0 |")  # (1.6 - 1.0) / max(0.1, 0.2)
+    record.update(warm_start=metrics(1.2, 0.1), constant=metrics(2.2, 0.0), expert=metrics(3.8, 0.0))
+    assert sweep.table([record]).splitlines()[-1].endswith("| 1.20 | 2.20 | 3.80 | -0.60 | +3.0 |")
 
 
 def test_sweep_does_not_run_a_setting_again_once_it_has_its_record(tmp_path):
