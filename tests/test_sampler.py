@@ -250,3 +250,17 @@ def test_repetition_penalty_does_not_depend_on_batch_company(model):
         n = alone.completion_ids.size(1)
         assert torch.equal(together.completion_ids[2 * i:2 * i + 2, :n], alone.completion_ids)
         assert torch.allclose(together.logprobs[2 * i:2 * i + 2, :n], alone.logprobs, atol=1e-5)
+
+
+def test_with_guides_puts_each_guide_last_in_its_group_and_marks_it_not_sampled():
+    rollout = grpo.Rollout(prompt_ids=torch.ones(4, 3, dtype=torch.long), prompt_mask=torch.ones(4, 3, dtype=torch.long),
+                           completion_ids=torch.tensor([[11, 2], [12, 2], [13, 0], [14, 2]]),
+                           completion_mask=torch.tensor([[1, 1], [1, 1], [1, 0], [1, 1]]),
+                           logprobs=torch.tensor([[-1.0, -2.0], [-3.0, -4.0], [-5.0, 0.0], [-6.0, -7.0]]),
+                           finished=torch.tensor([True, True, False, True]))
+    guided = grpo.with_guides(rollout, [[5, 6, 2], [7, 2]], group_size=2, pad_token_id=0)
+    assert guided.completion_ids.tolist() == [[11, 2, 0], [5, 6, 2], [13, 0, 0], [7, 2, 0]]
+    assert guided.completion_mask.tolist() == [[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0]]
+    assert guided.logprobs.tolist() == [[-1.0, -2.0, 0.0], [0.0, 0.0, 0.0], [-5.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
+    assert guided.finished.tolist() == [True, True, False, True] and guided.sampled.tolist() == [True, False, True, False]
+    assert torch.equal(guided.prompt_ids, rollout.prompt_ids) and rollout.sampled is None  # the input is unchanged

@@ -493,6 +493,22 @@ def test_reference_rows_choose_the_best_constant_on_train_and_grade_the_expert_o
     assert expert["stop_decision_accuracy"]["mean"] == 1.0 and expert["total_reward"]["mean"] > 3.5
 
 
+def test_a_guided_run_trains_on_the_experts_turns_and_logs_them_apart(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    l2a_run(write_config(tmp_path / "c.toml", tiny_model_dir, out, grpo={"group_size": 4, "max_new_tokens": 48,
+                                                                         "expert_in_group": True}))
+    turns = {s["cid"]: s["expert_turn"] for s in l2a.preprocess.load_samples(ROOT / "data/demo/train.jsonl")}
+    for line in map(json.loads, (out / "samples.jsonl").read_text().splitlines()):
+        *drawn, guide = line["completions"]
+        assert guide["expert"] and guide["response"] == turns[line["cid"]] and not any("expert" in c for c in drawn)
+    for m in metric_lines(out)[1:]:  # the training reward is the policy's own; the guides' is logged apart
+        assert m["rollouts"] == 16 and "expert_reward_mean" in m and m["updated"]
+        assert m["sampler_trainer_logprob_gap"] < 1e-3  # the guides, never sampled, are left out of it
+    with pytest.raises(l2a.BadInput, match="expert_in_group"):  # a custom task has no expert turns
+        l2a.train(l2a.load_config(write_config(tmp_path / "d.toml", tiny_model_dir, tmp_path / "d",
+                                               grpo={"expert_in_group": True})), reward_fn=lambda s, r: [])
+
+
 def test_a_warm_started_run_resumes_across_the_switch_to_grpo_exactly(tiny_model_dir, tmp_path):
     """Two warm start steps then one GRPO step, straight, against a run stopped after the warm start
     (train.steps = 0) and resumed: the same final weights, bit for bit (one process, float32)."""
