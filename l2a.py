@@ -1101,7 +1101,13 @@ def warm_start_step(model, optimizer, tokenizer, samples, prompt_ids, cfg, step,
     return {"step": step + 1, "sft_loss": loss.item(), "sft_tokens": tokens.item(),
             "grad_norm": None if fault else grad_norm.item(), "updated": fault is None,
             **({"nonfinite": fault, "nonfinite_cids": sorted(samples[i]["cid"] for i in indices)} if fault else {}),
-            "step_time": time.perf_counter() - started}
+            "step_time": time.perf_counter() - started, "peak_memory_mib": peak_memory_mib(device)}
+
+
+def peak_memory_mib(device):
+    """The GPU's peak allocation, or on a CPU the process's peak resident memory."""
+    return (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
 
 
 def score_rollouts(reward_fn, row_samples, responses, cfg, recent):
@@ -1214,8 +1220,7 @@ def log_step(step, rows, totals, judge_stats, grad_norm, fault, times, cfg, devi
         "truncated_fraction": sum(not r["finished"] for r in rows) / len(rows),
         "sampled_tokens_per_second": sum(r["length"] for r in rows) / times["sampling_time"],
         **times,  # sampling_time; update_time: log-probs, backward and optimizer, all mu updates
-        "peak_memory_mib": (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-                            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20,
+        "peak_memory_mib": peak_memory_mib(device),
     }
     if dist.get_rank() == 0:
         with open(out_dir / "samples.jsonl", "a") as f:

@@ -4,8 +4,8 @@ configs: no hub, no download):
     python scripts/gpu_check.py                  # a GPU: the Qwen2.5-0.5B and 1.5B architectures
     python scripts/gpu_check.py --device cpu     # a tiny model of the same family on CPU (CI runs this)
 
-For each model: two l2a training steps (bf16, and FlashAttention-2 when it is installed, on a GPU that
-has them) and a third after --resume, with every collective l2a calls counted by the device of its tensor
+For each model: the default's two kinds of l2a step, a warm start step and a guided GRPO step (bf16,
+and FlashAttention-2 when it is installed, on a GPU that has them), and a second GRPO step after --resume, with every collective l2a calls counted by the device of its tensor
 (on a GPU, NCCL carries the CUDA ones and gloo the CPU ones); greedy grpo.sample against model.generate, token for token;
 the trainer's packed log-probs (the FlashAttention path) against its padded ones; grpo.sample's tokens/s
 against generate's at 64 rows forced to equal length; the trainer's achieved
@@ -82,19 +82,20 @@ def counted_collectives(seen):
 
 
 def check_training(folder, out, parameters):
-    """Two steps, then a third after --resume; returns the numbers of the steps after the first."""
+    """The default's two kinds of step, a warm start step and a guided GRPO step, then a second GRPO step
+    after --resume; returns the numbers of the GRPO steps."""
     import l2a
-    cfg = l2a.load_config(ROOT / "config.toml", ["model.dtype='auto'", "train.steps=2"])
+    cfg = l2a.load_config(ROOT / "config.toml", ["model.dtype='auto'", "sft.steps=1", "train.steps=1"])
     cfg["model"]["path"], cfg["train"]["output_dir"] = str(folder), str(out)
     cfg["data"] = {**cfg["data"], **{k: str(ROOT / cfg["data"][k]) for k in ("train_file", "test_file")}}
     cfg["eval"].update(prompts=2, samples=1, max_new_tokens=8)
     collectives = Counter()
     with counted_collectives(collectives):
         l2a.train(cfg)
-        cfg["train"]["steps"] = 3
+        cfg["train"]["steps"] = 2
         l2a.train(cfg, resume=True)
     steps = [json.loads(line) for line in open(out / "metrics.jsonl") if '"step_time"' in line]
-    later = steps[1:]  # the first step pays for warming up
+    later = [m for m in steps if "reward_mean" in m]  # the GRPO steps
     tokens = sum(m["prompt_tokens"] + m["completion_length_mean"] * m["rollouts"] for m in later)
     return {"resumed": [m["step"] for m in steps] == [1, 2, 3],
             "step_s": sum(m["step_time"] for m in later) / len(later),
