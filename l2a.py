@@ -94,6 +94,7 @@ DEFAULTS = {
         "every": 0,  # steps between evaluations while training (0: only before and after)
         "prompts": 0,  # test prompts evaluated (0: all of them)
         "samples": 3,  # k rollouts per prompt; the spread over them tells signal from noise
+        "constant_prompts": 500,  # training prompts the constant answer is chosen on (0: no reference rows)
         "temperature": 1.0,
         "top_p": 0.95,
         "repetition_penalty": 1.2,
@@ -446,17 +447,16 @@ def evaluate(model, tokenizer, samples, prompt_ids, cfg, reward_fn, rollout_metr
     return summarize(rows, k), rows
 
 
-CONSTANT_CHOSEN_ON = 500  # training prompts on which the constant answer is chosen: enough to rank a few
-                         # dozen candidates, few enough for an LLM judge (its cache keeps them after)
-
-
-def reference_evaluations(train_samples, test_samples, reward_fn, rollout_metrics):
+def reference_evaluations(train_samples, test_samples, reward_fn, rollout_metrics, chosen_on):
     """The two rows every evaluation is read against, as summaries like evaluate's: "constant", the one
-    answer that scores best on (up to CONSTANT_CHOSEN_ON of) the training prompts, said to every test
+    answer that scores best on (up to `chosen_on` of) the training prompts, said to every test
     prompt, which is what a policy that reads nothing can reach; "expert", the expert's own next turn
     on each test prompt, the judge's ceiling. Both are fixed answers, graded once (spread 0); the
-    grading is shared out over the ranks, since an LLM judge makes it thousands of calls."""
-    chosen_on = train_samples[:CONSTANT_CHOSEN_ON]
+    grading is shared out over the ranks, since an LLM judge makes it thousands of calls (about 30
+    candidates times `chosen_on`, which eval.constant_prompts bounds; its cache keeps them after)."""
+    if not chosen_on:
+        return {}
+    chosen_on = train_samples[:chosen_on]
     candidates = judge.constant_candidates(train_samples)
     scores = graded([(s, c) for c in candidates for s in chosen_on], reward_fn)
     means = [mean_scores(scores[i * len(chosen_on):(i + 1) * len(chosen_on)]).get("reward", -math.inf)
@@ -784,7 +784,8 @@ def train(cfg, resume=False, reward_fn=None, rollout_metrics=None):
     start_step = state["step"]  # 0 for a fresh run, whose folder holds no checkpoint to continue
     train_samples, train_ids = load_split(cfg, "train_file", train_raw, tokenizer)
     test_samples, test_ids = load_split(cfg, "test_file", test_raw, tokenizer, cfg["eval"]["prompts"])
-    references = reference_evaluations(train_samples, test_samples, reward_fn, rollout_metrics) if learn_to_ask else {}
+    references = reference_evaluations(train_samples, test_samples, reward_fn, rollout_metrics,
+                                       cfg["eval"]["constant_prompts"]) if learn_to_ask else {}
     if rank == 0:
         for stale in (out_dir / "checkpoints").glob("*.partial"):  # saves that were killed half way
             shutil.rmtree(stale)
@@ -1312,8 +1313,8 @@ def evaluate_models(cfg, checkpoints):
             write_evaluation(out_dir / name, summaries[name], rows)
         del model
     train_samples, _ = load_split(cfg, "train_file", train_raw, tokenizer)
-    for name, (summary, rows) in reference_evaluations(train_samples, samples, reward_fn,
-                                                       judge.rollout_metrics).items():
+    for name, (summary, rows) in reference_evaluations(train_samples, samples, reward_fn, judge.rollout_metrics,
+                                                       cfg["eval"]["constant_prompts"]).items():
         summaries[name] = summary
         if dist.get_rank() == 0:
             write_evaluation(out_dir / name, summary, rows)

@@ -478,7 +478,8 @@ def test_reference_rows_choose_the_best_constant_on_train_and_grade_the_expert_o
     test = samples["test"][:20]  # the default's test prompts
     reward_fn = judge.make_reward_fn({"backend": "rules", "fusion": "multiplicative"})
     l2a.setup_distributed()
-    rows = l2a.reference_evaluations(samples["train"], test, reward_fn, judge.rollout_metrics)
+    rows = l2a.reference_evaluations(samples["train"], test, reward_fn, judge.rollout_metrics, 500)
+    assert l2a.reference_evaluations(samples["train"], test, reward_fn, judge.rollout_metrics, 0) == {}
 
     def mean(split, answer):
         return sum(x["reward"] for x in reward_fn(split, [answer] * len(split))) / len(split)
