@@ -33,6 +33,8 @@ from statistics import pstdev
 
 import requests
 
+from config import load_config
+
 STOP = "<stop />"
 
 # Questions a pharmacist may ask any patient, whatever the complaint. With <stop /> and the experts' own
@@ -585,7 +587,6 @@ def main(argv=None):
     import argparse
     from pathlib import Path
 
-    import l2a  # late: l2a imports judge
     import preprocess
     parser = argparse.ArgumentParser(description="Measure the judge's noise on graded rollouts.")
     parser.add_argument("--config", required=True)
@@ -595,7 +596,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--human", metavar="GRADES", help="JSON lines of cid, response, format, content")
     args = parser.parse_args(argv)
-    cfg = l2a.load_config(args.config, args.set)
+    cfg = load_config(args.config, args.set)
     by_cid = {s["cid"]: s for s in preprocess.load_samples(cfg["data"]["test_file"])}
     rollouts = [json.loads(line) for line in Path(args.calibrate).read_text().splitlines()]
     human = None

@@ -31,6 +31,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 import judge
+from config import load_config
 
 ROLES = ("user", "assistant")
 DECISIONS = ("stop", "continue")
@@ -418,7 +419,6 @@ def main(argv=None):
     if args.test_fraction is not None and not 0 < args.test_fraction < 1:
         parser.error("--test-fraction must be between 0 and 1")
 
-    from l2a import load_config  # here, not at the top: l2a imports this module
     try:
         cfg = load_config(args.config, args.set)
     except (ValueError, OSError) as e:  # tomllib.TOMLDecodeError is a ValueError

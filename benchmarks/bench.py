@@ -24,6 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from config import load_config  # noqa: E402 (torch-free)
 PARAMETERS = 134.5e6  # SmolLM2-135M, tied embeddings counted once
 
 
@@ -42,7 +43,7 @@ def peak_rss_gib():
 
 def base_config(prompts, group, tokens, dtype, steps, out_dir):
     import l2a
-    cfg = l2a.load_config(ROOT / "config.toml")
+    cfg = load_config(ROOT / "config.toml")
     cfg["model"]["dtype"] = dtype
     cfg["train"].update(steps=steps, prompts_per_step=prompts, micro_batch_size=prompts * group, output_dir=out_dir)
     cfg["grpo"].update(group_size=group, max_new_tokens=tokens)
@@ -94,7 +95,7 @@ def child_trl(a):
     order = [samples[i] for step in range(a.warmup + a.steps)  # l2a's prompts, step by step (seed 0 in both)
              for i in l2a.step_indices(len(samples), step, a.prompts, 0)]
     data = Dataset.from_list([{"prompt": preprocess.policy_messages(s), "sample": json.dumps(s)} for s in order])
-    grade = judge.make_reward_fn(l2a.load_config(ROOT / "config.toml")["judge"])
+    grade = judge.make_reward_fn(load_config(ROOT / "config.toml")["judge"])
 
     def rules_reward(prompts, completions, sample, **kwargs):
         scores = grade([json.loads(s) for s in sample], [c[-1]["content"] for c in completions])

@@ -28,6 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from config import load_config  # noqa: E402 (torch-free)
 
 QWEN2_5_0_5B = {  # the published config.json of Qwen/Qwen2.5-0.5B-Instruct, architecture fields
     "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864,
@@ -101,7 +102,7 @@ def child(side, folder, out):
     device = l2a.setup_distributed()
     started = time.perf_counter()
     if side == "l2a":
-        model = l2a.load_model(str(folder), l2a.load_config(ROOT / "config.toml"), device)
+        model = l2a.load_model(str(folder), load_config(ROOT / "config.toml"), device)
     else:
         model = gathered_load(folder)
     l2a.dist.barrier()

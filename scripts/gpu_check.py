@@ -25,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from config import load_config  # noqa: E402 (torch-free)
 
 QWEN2_5 = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "num_key_value_heads": 2,
            "vocab_size": 151936, "max_position_embeddings": 32768, "rope_theta": 1e6, "rms_norm_eps": 1e-6,
@@ -85,7 +86,7 @@ def check_training(folder, out, parameters):
     """The default's two kinds of step, a warm start step and a guided GRPO step, then a second GRPO step
     after --resume; returns the numbers of the GRPO steps."""
     import l2a
-    cfg = l2a.load_config(ROOT / "config.toml", ["model.dtype='auto'", "sft.steps=1", "train.steps=1"])
+    cfg = load_config(ROOT / "config.toml", ["model.dtype='auto'", "sft.steps=1", "train.steps=1"])
     cfg["model"]["path"], cfg["train"]["output_dir"] = str(folder), str(out)
     cfg["data"] = {**cfg["data"], **{k: str(ROOT / cfg["data"][k]) for k in ("train_file", "test_file")}}
     cfg["eval"].update(prompts=2, samples=1, max_new_tokens=8)

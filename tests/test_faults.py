@@ -17,6 +17,7 @@ import torch
 from transformers import AutoTokenizer
 
 import l2a
+from config import load_config
 
 from conftest import ROOT, free_port, metric_lines
 from judge_server import FaultyJudge
@@ -244,7 +245,7 @@ def save_fails_on_two_ranks(rank, model_dir, store, out, results):
     ranks while rank 1 cannot even read the disk's free space. Records how the second save ended."""
     l2a.dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
                                 timeout=datetime.timedelta(seconds=60))
-    cfg = l2a.load_config(ROOT / "config.toml", ["model.dtype='float32'"])
+    cfg = load_config(ROOT / "config.toml", ["model.dtype='float32'"])
     model = l2a.load_model(model_dir, cfg, torch.device("cpu"))
     optimizer, tokenizer = torch.optim.AdamW(model.parameters()), AutoTokenizer.from_pretrained(model_dir)
     l2a.save_checkpoint(model, optimizer, tokenizer, 1, {}, Path(out), 2)

@@ -21,7 +21,7 @@ import judge
 from conftest import FIXTURES, ROOT, free_port, metric_lines
 from judge import JudgeClient, fuse, grader_messages, make_reward_fn
 from judge_server import FaultyJudge
-from l2a import DEFAULTS
+from config import DEFAULTS
 from preprocess import split_info
 from test_train import weights, write_config
 

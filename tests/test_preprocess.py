@@ -304,3 +304,13 @@ def test_each_sample_holds_the_experts_next_turn_and_older_files_recover_it(tmp_
     # the last continue sample of a session cut short has no later sample to read its turn from
     old.write_text(json.dumps({k: v for k, v in samples[0].items() if k != "expert_turn"}) + "\n")
     assert load_samples(old)[0]["expert_turn"] is None
+
+
+def test_the_task_modules_import_neither_the_trainer_nor_torch():
+    """config.py is the one home of the config: preprocess and judge read it without an import circle."""
+    import subprocess
+    import sys
+    probe = "import sys, preprocess, judge; print(sorted(m for m in ('torch', 'l2a') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    assert out.strip() == "[]"

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import grpo
 import l2a
+from config import DEFAULTS, load_config
 from conftest import ROOT, free_port, metric_lines, tiny_llama
 
 TOY_RUN = ROOT / "tests" / "toy_run.py"
@@ -59,15 +60,15 @@ def weights(folder):
 def test_config_defaults_overrides_and_errors(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('[train]\nsteps = 5\nlr = 1\n[grpo]\nstop_strings = ["</q>"]\n')
-    cfg = l2a.load_config(path, ["train.steps=2", "train.output_dir=runs/a", "grpo.kl_coef=0.01", "judge.fusion='sum'"])
+    cfg = load_config(path, ["train.steps=2", "train.output_dir=runs/a", "grpo.kl_coef=0.01", "judge.fusion='sum'"])
     assert cfg["train"]["steps"] == 2 and cfg["train"]["output_dir"] == "runs/a" and cfg["train"]["lr"] == 1.0
     assert cfg["grpo"]["kl_coef"] == 0.01 and cfg["judge"]["fusion"] == "sum" and cfg["grpo"]["stop_strings"] == ["</q>"]
-    assert cfg["grpo"]["group_size"] == l2a.DEFAULTS["grpo"]["group_size"]
+    assert cfg["grpo"]["group_size"] == DEFAULTS["grpo"]["group_size"]
     for bad, message in [(["train.stpes=2"], "train.stpes"), (["trian.steps=2"], r"\[trian\]"),
                          (["train.steps=two"], "train.steps must be int"), (["train.steps=2.5"], "train.steps"),
                          (["grpo.stop_strings=[1]"], "grpo.stop_strings"), (["steps=2"], "section.key=value")]:
         with pytest.raises(ValueError, match=message):
-            l2a.load_config(path, bad)
+            load_config(path, bad)
 
 
 def test_cli_reports_config_errors_by_key(tmp_path):
@@ -282,7 +283,7 @@ def load_on_two_ranks(rank, folders, store, results):
     """One of two ranks: load each folder with l2a.load_model (meta device, then this rank's rows of each
     weight) and record the largest difference of every weight and buffer from Transformers' own loading."""
     l2a.dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    cfg = l2a.load_config(ROOT / "config.toml")
+    cfg = load_config(ROOT / "config.toml")
     report = {}
     for folder in folders:
         model = l2a.load_model(folder, cfg, torch.device("cpu"))
@@ -357,7 +358,7 @@ def test_each_node_prepares_its_own_model_copy_and_an_unshared_output_folder_is_
 
 
 def test_tied_embeddings_stay_one_parameter_under_fsdp(tiny_model_dir):
-    cfg = l2a.load_config(ROOT / "config.toml")
+    cfg = load_config(ROOT / "config.toml")
     l2a.setup_distributed()  # a one-process group, as plain `python l2a.py` gets
     model = l2a.load_model(str(tiny_model_dir), cfg, torch.device("cpu"))
     assert model.lm_head.weight is model.model.embed_tokens.weight
@@ -379,7 +380,7 @@ def shared_vs_plain_on_two_ranks(rank, model_dir, store, results):
     """One of two ranks: score the same rollout with and without shared prompts, in micro-batches that
     split a group, under FSDP2; record the largest log-prob and (full, reduced) gradient differences."""
     l2a.dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    cfg = l2a.load_config(ROOT / "config.toml", ["model.dtype='float32'"])
+    cfg = load_config(ROOT / "config.toml", ["model.dtype='float32'"])
     model = l2a.load_model(model_dir, cfg, torch.device("cpu"))
     prompts = [[[1, 5, 9, 13, 17, 21, 30], [1, 40]], [[1, 7, 7, 60, 3], [1, 8, 9]]][rank]
     with l2a.gathered(model):
@@ -416,7 +417,7 @@ def count_gathers_while_sampling(rank, model_dir, store, results):
     """One of two ranks: count FSDP2's all-gathers while sampling, with and without gathered()."""
     from torch.distributed.fsdp._fully_shard import _fsdp_param_group  # where FSDP2 calls its all-gather
     l2a.dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    model = l2a.load_model(model_dir, l2a.load_config(ROOT / "config.toml"), torch.device("cpu"))
+    model = l2a.load_model(model_dir, load_config(ROOT / "config.toml"), torch.device("cpu"))
     calls = []
     original = _fsdp_param_group.foreach_all_gather
     _fsdp_param_group.foreach_all_gather = lambda *a, **k: calls.append(1) or original(*a, **k)
@@ -444,7 +445,7 @@ def test_sampling_gathers_parameters_once_not_per_token(tiny_model_dir, tmp_path
 def test_warm_start_loss_and_gradient_equal_a_naive_cross_entropy(tiny_model_dir):
     """warm_start_step's loss is the token-mean cross-entropy of the expert turns (then EOS) given their
     prompts, and its gradient is that of the naive loss on Transformers' own logits."""
-    cfg = l2a.load_config(ROOT / "config.toml", ["model.dtype='float32'", "sft.prompts_per_step=3",
+    cfg = load_config(ROOT / "config.toml", ["model.dtype='float32'", "sft.prompts_per_step=3",
                                                  "train.micro_batch_size=2"])
     l2a.setup_distributed()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -506,7 +507,7 @@ def test_a_guided_run_trains_on_the_experts_turns_and_logs_them_apart(tiny_model
         assert m["rollouts"] == 16 and "expert_reward_mean" in m and m["updated"]
         assert m["sampler_trainer_logprob_gap"] < 1e-3  # the guides, never sampled, are left out of it
     with pytest.raises(l2a.BadInput, match="expert_in_group"):  # a custom task has no expert turns
-        l2a.train(l2a.load_config(write_config(tmp_path / "d.toml", tiny_model_dir, tmp_path / "d",
+        l2a.train(load_config(write_config(tmp_path / "d.toml", tiny_model_dir, tmp_path / "d",
                                                grpo={"expert_in_group": True})), reward_fn=lambda s, r: [])
 
 

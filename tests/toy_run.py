@@ -12,6 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import l2a  # noqa: E402
+from config import load_config
 
 
 def vowel_share(samples, responses):
@@ -30,7 +31,7 @@ def slowly(samples, responses):
 
 if __name__ == "__main__":
     try:
-        l2a.train(l2a.load_config(sys.argv[1]), resume="--resume" in sys.argv,
+        l2a.train(load_config(sys.argv[1]), resume="--resume" in sys.argv,
                   reward_fn=one_infinite if "--inf-reward" in sys.argv else slowly if "--slow-reward" in sys.argv
                   else vowel_share)
     except l2a.RunStopped as e:  # as l2a.main says it
