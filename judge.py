@@ -1,4 +1,4 @@
-"""The Learn-to-Ask reward (DESIGN.md §3): grade a policy response against the expert's observed future.
+"""The Learn-to-Ask reward (arXiv 2510.25441): grade a policy response against the expert's observed future.
 
 Three scores per response:
   R_s (action)  1 if the stop/continue decision matches decision_truth, else 0

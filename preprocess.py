@@ -226,7 +226,7 @@ def session_samples(session):
 # -----------------------------------------------------------------------------
 # info_truth: what the pharmacist went on to ask, read off the future by an LLM
 
-# DESIGN.md §3's fields, named as in the published data, plus "symptom duration": "how long?" is the
+# The paper's fields, named as in the published data, plus "symptom duration": "how long?" is the
 # pharmacist's commonest question, and the demo data keeps it as a field of its own too.
 INFO_FIELDS = ("symptom", "symptom nature", "symptom location", "symptom severity", "symptom duration",
                "trigger")
@@ -404,7 +404,7 @@ def process_logs(judge_cfg, input_path, output, test_output=None, test_fraction=
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Raw consultation logs -> Learn-to-Ask samples (DESIGN.md §3).")
+    parser = argparse.ArgumentParser(description="Raw consultation logs -> Learn-to-Ask samples.")
     parser.add_argument("--config", required=True, help="TOML file; its [judge] section is the extraction LLM")
     parser.add_argument("--input", required=True, help="raw sessions, one JSON object a line")
     parser.add_argument("--output", required=True, help="processed samples (the training file)")
