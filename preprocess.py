@@ -384,7 +384,7 @@ def process_logs(judge_cfg, input_path, output, test_output=None, test_fraction=
             info = done.get(keys[sample["cid"]])
             if info is None:  # its extraction failed: left out, never written with a made-up label
                 continue
-            if not info:  # DESIGN §3: the pharmacist asked nothing we grade, so there is nothing to learn
+            if not info:  # the pharmacist asked nothing we grade, so there is nothing to learn
                 dropped += 1
                 continue
             sample["info_truth"] = info
