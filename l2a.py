@@ -260,6 +260,12 @@ def rollout(model, tokenizer, prompt_ids, sampling, seeds, group_size):
     return result, responses
 
 
+def answer_ids(tokenizer, text, max_new_tokens):
+    """A given answer (an expert's turn) as the policy would emit it: its tokens, no longer than a sampled
+    answer may be, then EOS."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"][:max_new_tokens - 1] + [eos_ids(tokenizer)[0]]
+
+
 def eos_ids(tokenizer):
     eos = tokenizer.eos_token_id
     return [eos] if isinstance(eos, int) else list(eos)
@@ -925,9 +931,7 @@ def train_step(model, reference, optimizer, tokenizer, samples, prompt_ids, cfg,
     seeds = row_seeds(t["seed"], grpo_step, rank * per_rank, per_rank, G)
     result, responses = rollout(model, tokenizer, [prompt_ids[i] for i in indices], cfg["grpo"], seeds, G)
     if cfg["grpo"]["expert_in_group"]:
-        turns = [samples[i]["expert_turn"] for i in indices]
-        guides = [tokenizer(turn, add_special_tokens=False)["input_ids"][:cfg["grpo"]["max_new_tokens"] - 1]
-                  + [eos_ids(tokenizer)[0]] for turn in turns]
+        guides = [answer_ids(tokenizer, samples[i]["expert_turn"], cfg["grpo"]["max_new_tokens"]) for i in indices]
         result = grpo.with_guides(result, guides, G, tokenizer.pad_token_id)
         responses[G - 1::G] = [tokenizer.decode(ids, skip_special_tokens=True) for ids in guides]
     times = {"sampling_time": time.perf_counter() - started}
@@ -960,9 +964,7 @@ def warm_start_step(model, optimizer, tokenizer, samples, prompt_ids, cfg, step,
     rank, world, started = dist.get_rank(), dist.get_world_size(), time.perf_counter()
     per_rank = s["prompts_per_step"] // world
     indices = step_indices(len(samples), step, s["prompts_per_step"], t["seed"])[rank * per_rank:][:per_rank]
-    eos = eos_ids(tokenizer)[0]
-    targets = [tokenizer(samples[i]["expert_turn"], add_special_tokens=False)["input_ids"]
-               [:cfg["grpo"]["max_new_tokens"] - 1] + [eos] for i in indices]  # no longer than an answer may be
+    targets = [answer_ids(tokenizer, samples[i]["expert_turn"], cfg["grpo"]["max_new_tokens"]) for i in indices]
     prompt, prompt_mask = grpo.left_pad([prompt_ids[i] for i in indices], tokenizer.pad_token_id)
     width = max(map(len, targets))
     target = torch.tensor([ids + [tokenizer.pad_token_id] * (width - len(ids)) for ids in targets])
@@ -979,13 +981,7 @@ def warm_start_step(model, optimizer, tokenizer, samples, prompt_ids, cfg, step,
         loss = -(logprobs * target_mask[rows]).sum() / tokens
         loss.backward()
         loss_sum += loss.item()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    fault = nonfinite(loss_sum, grad_norm)
-    if fault:
-        optimizer.zero_grad(set_to_none=True)
-    else:
-        optimizer.step()
+    grad_norm, fault = clipped_step(model, optimizer, loss_sum, t["grad_clip"])
     loss = torch.tensor([loss_sum], dtype=torch.float64)
     dist.all_reduce(loss)  # each rank's share is already over the global token count: they add up
     return {"step": step + 1, "sft_loss": loss.item(), "sft_tokens": tokens.item(),
@@ -1058,14 +1054,23 @@ def update_policy(model, reference, optimizer, result, rewards, cfg):
             loss.backward()
             add(totals, loss=loss.item(), **stats)
             update_loss += loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
-        fault = nonfinite(update_loss, grad_norm)
-        if fault:  # one NaN written into the weights ruins every later step: drop this batch instead
-            optimizer.zero_grad(set_to_none=True)
+        grad_norm, fault = clipped_step(model, optimizer, update_loss, t["grad_clip"])
+        if fault:
             break
-        optimizer.step()
     return advantages, totals, grad_norm, fault
+
+
+def clipped_step(model, optimizer, loss, grad_clip):
+    """Clip the global gradient norm and step, unless the loss or the norm is non-finite on any rank: one NaN
+    written into the weights ruins every later step, so such a batch is dropped. Returns (norm, fault)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
+    fault = nonfinite(loss, grad_norm)
+    if fault:
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        optimizer.step()
+    return grad_norm, fault
 
 
 def log_step(step, rows, totals, judge_stats, grad_norm, fault, times, cfg, device, out_dir):
