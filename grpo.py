@@ -115,6 +115,11 @@ class InPlaceLayer(DynamicLayer):
         self.keys, self.values = self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length]
 
 
+def row_seeds(seed, step, first_prompt, n_prompts, group_size):
+    """One sampling seed per completion, set by (seed, step, prompt position, g) alone."""
+    return [hash((seed, step, first_prompt + i, g)) for i in range(n_prompts) for g in range(group_size)]
+
+
 @torch.no_grad()
 def sample(model, prompts, group_size, max_new_tokens, eos_token_ids, pad_token_id, temperature=1.0,
            top_k=0, top_p=1.0, stop_strings=(), tokenizer=None, seeds=None, repetition_penalty=1.0):
@@ -138,37 +143,20 @@ def sample(model, prompts, group_size, max_new_tokens, eos_token_ids, pad_token_
     eos = torch.tensor(list(eos_token_ids), device=device)
     stop_window = max((len(s) for s in stop_strings), default=0)  # a token decodes to >= 1 character
 
-    cache = Cache(layer_class_to_replicate=partial(InPlaceLayer, max_new_tokens))
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions_from_mask(prompt_mask),
-                cache=cache, use_cache=True, logits_to_keep=1)
-    cache.batch_repeat_interleave(group_size)
-    # Expand before sampling: the G rows of a prompt must draw their first tokens independently.
-    logits = out.logits[:, -1].repeat_interleave(group_size, 0)
-    attention_mask = prompt_mask.repeat_interleave(group_size, 0)
-    next_position = positions_from_mask(attention_mask)[:, -1] + 1
-
+    cache, logits, attention_mask, next_position = _prefill(model, prompt_ids, prompt_mask, group_size,
+                                                            max_new_tokens)
     completion_ids = torch.full((n_rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     logprobs = torch.zeros((n_rows, max_new_tokens), device=device)
     lengths = torch.zeros(n_rows, dtype=torch.long, device=device)
     finished = torch.zeros(n_rows, dtype=torch.bool, device=device)
     alive = torch.arange(n_rows, device=device)  # rows still generating, in cache order
-    if repetition_penalty != 1.0:  # seen[r, v]: token v is already in row r; padding slots mark nothing
-        seen = torch.zeros((len(prompts), logits.size(-1)), device=device).scatter_add_(1, prompt_ids,
-                                                                                         prompt_mask.float()) > 0
-        seen = seen.repeat_interleave(group_size, 0)
+    if repetition_penalty != 1.0:  # seen[r, v]: token v is already in row r
+        seen = _prompt_tokens(prompt_ids, prompt_mask, logits.size(-1)).repeat_interleave(group_size, 0)
     for t in range(max_new_tokens):
         if repetition_penalty != 1.0:
             penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
             logits = torch.where(seen[alive], penalised, logits)
-        shaped = shape_logits(logits, temperature or 1.0, top_k, top_p)
-        if temperature == 0:
-            token = shaped.argmax(-1)
-        else:
-            cdf = shaped.softmax(-1).cumsum(-1)
-            u = torch.cat([torch.rand(1, generator=generators[r]) for r in alive.tolist()]).to(device)
-            # Inverse-CDF draw; right=True never lands on a zero-probability (truncated) token.
-            token = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
-            token = token.clamp(max=cdf.size(-1) - 1)
+        token = _draw_tokens(logits, temperature, top_k, top_p, generators, alive)
         completion_ids[alive, t] = token
         if repetition_penalty != 1.0:
             seen[alive, token] = True
@@ -177,27 +165,71 @@ def sample(model, prompts, group_size, max_new_tokens, eos_token_ids, pad_token_
         lengths[alive] += 1
         done = torch.isin(token, eos)
         if stop_window:
-            for i, r in enumerate(alive.tolist()):
-                tail = tokenizer.decode(completion_ids[r, max(0, t + 1 - stop_window):t + 1])
-                done[i] |= any(s in tail for s in stop_strings)
+            tails = completion_ids[alive, max(0, t + 1 - stop_window):t + 1]
+            done |= _has_stop_string(tokenizer, tails, stop_strings)
         finished[alive[done]] = True
         if t == max_new_tokens - 1 or done.all():
             break
         if done.any():
-            keep = (~done).nonzero().squeeze(-1)
-            cache.batch_select_indices(keep)
-            alive, token, attention_mask, next_position = (
-                x[keep] for x in (alive, token, attention_mask, next_position))
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(alive), 1)], dim=1)
-        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position[:, None],
-                    cache=cache, use_cache=True)
-        logits = out.logits[:, -1]
-        next_position = next_position + 1
+            alive, token, attention_mask, next_position = _drop_rows(cache, done, alive, token, attention_mask,
+                                                                     next_position)
+        logits, attention_mask, next_position = _decode_step(model, cache, token, attention_mask, next_position)
 
     width = int(lengths.max())
     completion_mask = (torch.arange(width, device=device) < lengths[:, None]).long()
     return Rollout(prompt_ids.repeat_interleave(group_size, 0), prompt_mask.repeat_interleave(group_size, 0),
                    completion_ids[:, :width], completion_mask, logprobs[:, :width], finished)
+
+
+def _prefill(model, prompt_ids, prompt_mask, group_size, max_new_tokens):
+    """(KV cache, next-token logits, attention mask, next position) of the prompts, G rows for each."""
+    cache = Cache(layer_class_to_replicate=partial(InPlaceLayer, max_new_tokens))
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions_from_mask(prompt_mask),
+                cache=cache, use_cache=True, logits_to_keep=1)
+    cache.batch_repeat_interleave(group_size)
+    # Expand before sampling: the G rows of a prompt must draw their first tokens independently.
+    logits = out.logits[:, -1].repeat_interleave(group_size, 0)
+    attention_mask = prompt_mask.repeat_interleave(group_size, 0)
+    return cache, logits, attention_mask, positions_from_mask(attention_mask)[:, -1] + 1
+
+
+def _prompt_tokens(prompt_ids, prompt_mask, vocab_size):
+    """[N, vocab] bool, True where the token is in the prompt; padding slots mark nothing."""
+    counts = torch.zeros((prompt_ids.size(0), vocab_size), device=prompt_ids.device)
+    return counts.scatter_add_(1, prompt_ids, prompt_mask.float()) > 0
+
+
+def _draw_tokens(logits, temperature, top_k, top_p, generators, alive):
+    """The next token of each alive row: the argmax at temperature 0, else a draw with that row's generator."""
+    shaped = shape_logits(logits, temperature or 1.0, top_k, top_p)
+    if temperature == 0:
+        return shaped.argmax(-1)
+    cdf = shaped.softmax(-1).cumsum(-1)
+    u = torch.cat([torch.rand(1, generator=generators[r]) for r in alive.tolist()]).to(alive.device)
+    # Inverse-CDF draw; right=True never lands on a zero-probability (truncated) token.
+    token = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
+    return token.clamp(max=cdf.size(-1) - 1)
+
+
+def _has_stop_string(tokenizer, tails, stop_strings):
+    """[rows] bool, True where the text of a row of `tails` (token ids) contains a stop string."""
+    texts = [tokenizer.decode(ids) for ids in tails]
+    return torch.tensor([any(s in text for s in stop_strings) for text in texts], device=tails.device)
+
+
+def _drop_rows(cache, done, *rows):
+    """The row tensors without the `done` rows, which leave the KV cache too."""
+    keep = (~done).nonzero().squeeze(-1)
+    cache.batch_select_indices(keep)
+    return [x[keep] for x in rows]
+
+
+def _decode_step(model, cache, token, attention_mask, next_position):
+    """(next-token logits, attention mask, next position) of the rows once each is fed its new token."""
+    attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(token), 1)], dim=1)
+    out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position[:, None],
+                cache=cache, use_cache=True)
+    return out.logits[:, -1], attention_mask, next_position + 1
 
 
 def with_guides(rollout, guides, group_size, pad_token_id):
@@ -380,6 +412,36 @@ def packed_prompt_logprobs(model, prompt_ids, prompt_mask, prompt_of_row, comple
             cache=cache, use_cache=True, logits_to_keep=cu_c[-1], packing=Packing(cu_c, cu_k, key_index))
     padded = torch.zeros(completion_ids.shape, dtype=logps.dtype, device=device)
     return padded.masked_scatter(in_completion, logps), padded.masked_scatter(in_completion, entropies)
+
+
+def prompt_sharing(model, group_size, gradient_checkpointing):
+    """How score_rows runs the prompts: once per group instead of G times (shared_prompt_logprobs),
+    and packed without padding where FlashAttention's variable-length kernel makes that pay
+    (packed_prompt_logprobs); None, each row whole, when there is nothing to share or gradient
+    checkpointing has switched the KV cache off."""
+    if group_size == 1 or gradient_checkpointing:
+        return None
+    if model.config._attn_implementation == "flash_attention_2":
+        return packed_prompt_logprobs
+    return shared_prompt_logprobs
+
+
+def score_rows(model, result, rows, group_size, share, temperature, chunk_tokens):
+    """Log-probs and entropies of the completions of `rows` (a slice of the rollout), trimmed to the rows'
+    own longest prompt (left padding) and completion (right padding). With `share` (prompt_sharing), each
+    prompt of the slice runs once for all its rows there, whole groups or not."""
+    prompt_columns = result.prompt_mask[rows].any(0)
+    width = int(result.completion_mask[rows].sum(1).max())
+    completion_ids, completion_mask = result.completion_ids[rows, :width], result.completion_mask[rows, :width]
+    if share:
+        prompt_of_row = torch.arange(len(result.prompt_ids), device=completion_ids.device)[rows] // group_size
+        first_rows = prompt_of_row.unique() * group_size
+        return share(model, result.prompt_ids[first_rows][:, prompt_columns],
+                     result.prompt_mask[first_rows][:, prompt_columns], prompt_of_row - prompt_of_row[0],
+                     completion_ids, completion_mask, temperature, chunk_tokens)
+    ids = torch.cat([result.prompt_ids[rows][:, prompt_columns], completion_ids], 1)
+    mask = torch.cat([result.prompt_mask[rows][:, prompt_columns], completion_mask], 1)
+    return token_logprobs(model, ids, mask, width, temperature, chunk_tokens)
 
 
 def _scored_forward(model, targets, temperature, chunk_tokens, hidden_for_targets, **inputs):

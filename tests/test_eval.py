@@ -4,8 +4,11 @@ import json
 
 import pytest
 
+import evaluation
 import judge
 import l2a
+import learn_to_ask
+from config import DEFAULTS
 from conftest import ROOT
 
 CONTINUE = {"cid": "c", "messages": [{"role": "user", "content": "It hurts."}], "decision_truth": "continue",
@@ -31,7 +34,7 @@ def test_paper_metrics_by_hand():
         (STOP, "I recommend lozenges. <stop />"),  # right, not exact
         (STOP, "Does it hurt?"),  # wrong
     ]
-    summary = l2a.summarize(rows_of(rollouts, 3), k=3)
+    summary = evaluation.summarize(rows_of(rollouts, 3), k=3)
     mean = {name: m["mean"] for name, m in summary.items()}
     count = {name: m["count"] for name, m in summary.items()}
     rewards = [1 * (1 + 2 * 1.0) + 1.0, 1 * (1 + 2 * 0.1) + 0.5, 0.0, 4.0, 3.0, 0.0]
@@ -53,17 +56,17 @@ def test_empty_class_and_missing_grades():
     rows = [{"rollout": 0, "metrics": judge.rollout_metrics(CONTINUE, judge.Reward(Failing(), "multiplicative")(
                 [CONTINUE], ["Where?"])[0])},
             {"rollout": 0, "metrics": judge.rollout_metrics(CONTINUE, graded(CONTINUE, "Where does it hurt?"))}]
-    summary = l2a.summarize(rows, k=1)
+    summary = evaluation.summarize(rows, k=1)
     assert summary["stop_decision_accuracy"] == {"mean": None, "spread": 0.0, "count": 0}
     assert summary["judge_failure"]["mean"] == 0.5 and summary["judge_failure"]["count"] == 2
     assert summary["total_reward"]["count"] == 1, "a missing grade is left out, never counted as 0"
-    assert "– (n=0)" in l2a.comparison_table({"base": summary})
+    assert "– (n=0)" in evaluation.comparison_table({"base": summary})
 
 
 def test_spread_is_the_std_over_rollout_indices():
     # two prompts, k = 2; rollout 0 is right on both, rollout 1 wrong on both: per-index accuracies 1.0 and 0.0
     rollouts = [(STOP, "<stop />"), (STOP, "Why?"), (STOP, "<stop />"), (STOP, "How?")]
-    m = l2a.summarize(rows_of(rollouts, 2), k=2)["total_decision_accuracy"]
+    m = evaluation.summarize(rows_of(rollouts, 2), k=2)["total_decision_accuracy"]
     assert m["mean"] == 0.5 and m["spread"] == pytest.approx(2 ** 0.5 / 2)  # sample std of (1, 0)
 
 
@@ -71,7 +74,7 @@ def test_comparison_table_has_a_column_per_model():
     a = {"total_reward": {"mean": 1.2814, "spread": 0.05, "count": 180}}
     b = {"total_reward": {"mean": 3.0781, "spread": 0.02, "count": 180}, "judge_failure": {"mean": 0.0, "spread": 0.0,
                                                                                             "count": 180}}
-    lines = l2a.comparison_table({"base": a, "step_10": b}).splitlines()
+    lines = evaluation.comparison_table({"base": a, "step_10": b}).splitlines()
     assert lines[0] == "| metric | base | step_10 |" and lines[1] == "|---|---|---|"
     assert lines[2] == "| total_reward | 1.281 ± 0.050 (n=180) | 3.078 ± 0.020 (n=180) |"
     assert lines[3] == "| judge_failure | – (n=0) | 0.000 ± 0.000 (n=180) |"
@@ -82,6 +85,7 @@ def test_curves_are_drawn_from_a_metrics_file(tmp_path):
         {"step": s, "reward_mean": 1 + s / 10, "reward_action": 0.5, "approx_kl": 1e-3 * s, "clip_fraction": 0.01,
          "completion_length_mean": 30 - s, "step_time": 2.0} for s in range(1, 6)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (tmp_path / "config.json").write_text(json.dumps(DEFAULTS))  # the run's task draws its own panels
     l2a.main(["--plot", str(tmp_path)])
     png = (tmp_path / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
@@ -134,7 +138,8 @@ def test_curves_leave_out_what_cannot_move_and_draw_the_references():
     rows = [{"step": 0, "eval_total_reward": 1.0}] + [
         {"step": i, "reward_mean": float(i % 2), "approx_kl": 0.0, "clip_fraction": 0.0, "entropy": 2.0 - i / 20,
          "reward_action": 1.0, "reward_content": 0.1 * i, "reward_format": 0.5} for i in range(1, 13)]
-    panels = {title: (lines, levels) for title, lines, levels in l2a.curve_panels(rows, {"constant": 2.2, "expert": 3.8})}
+    drawn = evaluation.curve_panels(rows, {"constant": 2.2, "expert": 3.8}, learn_to_ask.CURVES)
+    panels = {title: (lines, levels) for title, lines, levels in drawn}
     assert "KL" not in panels and "clip fraction" not in panels and "warm start loss" not in panels  # never move
     lines, levels = panels["reward"]
     assert levels == {"constant (total reward)": 2.2, "expert (total reward)": 3.8}

@@ -16,6 +16,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+import checkpoint
+import fsdp
 import l2a
 from config import load_config
 
@@ -191,7 +193,7 @@ def test_torchrun_kills_workers_whose_step_outlasts_its_shutdown_timeout(tiny_mo
             assert checkpoint_names(out)[-1] == f"step_{last}"
         else:  # killed mid-step: no stop message, the step in progress is lost, earlier checkpoints stay
             assert code != 0 and "stopped after step" not in log.read_text(), log.read_text()[-3000:]
-            assert l2a.latest_checkpoint(out) is not None
+            assert checkpoint.latest_checkpoint(out) is not None
     # torchrun itself exits 1 with a traceback of its SignalException, even when its workers stopped cleanly
     assert code == 1 and "SignalException" in log.read_text(), log.read_text()[-3000:]
 
@@ -246,9 +248,9 @@ def save_fails_on_two_ranks(rank, model_dir, store, out, results):
     l2a.dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
                                 timeout=datetime.timedelta(seconds=60))
     cfg = load_config(ROOT / "config.toml", ["model.dtype='float32'"])
-    model = l2a.load_model(model_dir, cfg, torch.device("cpu"))
+    model = fsdp.load_model(model_dir, cfg, torch.device("cpu"))
     optimizer, tokenizer = torch.optim.AdamW(model.parameters()), AutoTokenizer.from_pretrained(model_dir)
-    l2a.save_checkpoint(model, optimizer, tokenizer, 1, {}, Path(out), 2)
+    checkpoint.save_checkpoint(model, optimizer, tokenizer, 1, {}, Path(out), 2)
 
     def api_changed(*args, **kwargs):
         raise TypeError("save() got an unexpected keyword argument 'storage_writer'")
@@ -256,13 +258,13 @@ def save_fails_on_two_ranks(rank, model_dir, store, out, results):
     def unreadable(path):
         raise PermissionError(13, "Permission denied")
 
-    l2a.dcp.save = api_changed
+    checkpoint.dcp.save = api_changed
     if rank == 1:
-        l2a.shutil.disk_usage = unreadable
+        checkpoint.shutil.disk_usage = unreadable
     try:
-        l2a.save_checkpoint(model, optimizer, tokenizer, 2, {}, Path(out), 2)
+        checkpoint.save_checkpoint(model, optimizer, tokenizer, 2, {}, Path(out), 2)
         said = {"escaped": "saved"}
-    except l2a.RunStopped as e:
+    except checkpoint.RunStopped as e:
         said = {"message": str(e), "cause": type(e.__cause__).__name__}
     except Exception as e:  # noqa: BLE001 (what the test looks for)
         said = {"escaped": repr(e)}
@@ -288,7 +290,7 @@ def test_the_cause_of_a_stop_is_printed_with_its_traceback(monkeypatch, capsys):
         try:
             raise TypeError("an API changed")
         except TypeError as e:
-            raise l2a.RunStopped("could not write checkpoint step_2: TypeError: an API changed") from e
+            raise checkpoint.RunStopped("could not write checkpoint step_2: TypeError: an API changed") from e
 
     monkeypatch.setattr(l2a, "train", failing_save)
     with pytest.raises(SystemExit) as exit:
@@ -325,10 +327,10 @@ def test_a_kill_while_the_logs_are_cut_back_for_a_resume_leaves_them_whole(tmp_p
 
     monkeypatch.setattr(Path, "write_text", killed_half_way)
     with pytest.raises(KeyboardInterrupt):
-        l2a.keep_lines_up_to(log, 2)
+        checkpoint.keep_lines_up_to(log, 2)
     assert log.read_text() == "".join(lines)
     monkeypatch.undo()
-    l2a.keep_lines_up_to(log, 2)
+    checkpoint.keep_lines_up_to(log, 2)
     assert log.read_text() == "".join(lines[:3])
 
 
@@ -355,10 +357,11 @@ L2A = ROOT / "l2a.py"
 def judge_run_config(path, model_dir, out, url, **judge):
     """An HTTP-judged run that stops as soon as a single reward is missing (max_missing_fraction 0), so
     that no step can ever be trained on part of its rewards."""
-    return write_config(path, model_dir, out, train={"steps": 4, "prompts_per_step": 4, "micro_batch_size": 8},
+    return write_config(path, model_dir, out, train={"steps": 4, "prompts_per_step": 4, "micro_batch_size": 8,
+                                                     "max_missing_fraction": 0.0},
                         grpo={"group_size": 2, "max_new_tokens": 24},
                         eval={"prompts": 2, "samples": 1, "max_new_tokens": 6},
-                        judge=judge_config(url, max_missing_fraction=0.0, **judge))
+                        judge=judge_config(url, **judge))
 
 
 def judge_down_after_step_1(run, out, server):
@@ -406,7 +409,7 @@ def test_a_judge_that_stays_down_stops_the_run_and_resume_finishes_it_unchanged(
     judge_down_after_step_1(run, out, server)
     assert run.wait(timeout=300) == 1
     said = Path(str(config) + ".log").read_text().strip().splitlines()[-1]
-    assert said.startswith("stopped: the judge gave no reward for ") and "--resume" in said
+    assert said.startswith("stopped: the reward function (the judge) gave no reward for ") and "--resume" in said
     last = logged_steps(out)[-1]
     assert checkpoint_names(out) == [f"step_{last}"], "the steps trained before the outage are kept"
     with FaultyJudge(port=port):

@@ -274,11 +274,11 @@ def test_training_run_with_the_llama_cpp_judge(llama_server, tiny_model_dir, tmp
     training on them, and leak no key."""
     out, cache = tmp_path / "run", tmp_path / "judge.sqlite"
     path = write_config(tmp_path / "config.toml", tiny_model_dir, out,
-                        train={"steps": 1, "prompts_per_step": 2, "micro_batch_size": 4},
+                        train={"steps": 1, "prompts_per_step": 2, "micro_batch_size": 4, "max_missing_fraction": 1.0},
                         grpo={"group_size": 2, "max_new_tokens": 8},
                         # no reference rows: choosing the constant would be thousands of calls to a CPU judge
                         eval={"prompts": 1, "samples": 1, "max_new_tokens": 8, "constant_prompts": 0},
-                        judge=llama_config(llama_server, cache_file=str(cache), max_missing_fraction=1.0))
+                        judge=llama_config(llama_server, cache_file=str(cache)))
     run = subprocess.run([sys.executable, str(ROOT / "l2a.py"), "--config", str(path)], capture_output=True,
                          text=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

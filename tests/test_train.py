@@ -13,10 +13,14 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import evaluation
+import fsdp
 import grpo
 import l2a
-from config import DEFAULTS, load_config
+import preprocess
+from config import DEFAULTS, BadInput, load_config
 from conftest import ROOT, free_port, metric_lines, tiny_llama
+from toy_run import toy_task
 
 TOY_RUN = ROOT / "tests" / "toy_run.py"
 
@@ -240,10 +244,10 @@ def test_a_nonfinite_loss_never_reaches_the_weights(tiny_model_dir, tmp_path):
 
 
 def test_nonfinite_names_the_quantity():
-    l2a.setup_distributed()  # a one-process group, as plain `python l2a.py` gets
-    assert l2a.nonfinite(0.5, torch.tensor(1.0)) is None
-    assert l2a.nonfinite(float("nan"), torch.tensor(1.0)) == "loss"
-    assert l2a.nonfinite(0.5, torch.tensor(float("inf"))) == "grad_norm"
+    fsdp.setup_distributed()  # a one-process group, as plain `python l2a.py` gets
+    assert fsdp.nonfinite(0.5, torch.tensor(1.0)) is None
+    assert fsdp.nonfinite(float("nan"), torch.tensor(1.0)) == "loss"
+    assert fsdp.nonfinite(0.5, torch.tensor(float("inf"))) == "grad_norm"
 
 
 def test_evaluation_with_fewer_prompts_than_ranks(tiny_model_dir, tmp_path):
@@ -263,7 +267,7 @@ def test_evaluation_prompts_are_spread_evenly(monkeypatch):
     shares = []
     for rank in range(8):
         monkeypatch.setattr(l2a.dist, "get_rank", lambda: rank)
-        shares.append(l2a.my_share(20))
+        shares.append(fsdp.my_share(20))
     assert [len(s) for s in shares] == [2, 3, 2, 3, 2, 3, 2, 3]
     assert [i for s in shares for i in s] == list(range(20))
     assert list(shares[0]) == [0, 1] and list(shares[1]) == [2, 3, 4]
@@ -280,13 +284,13 @@ def test_checkpoint_loads_in_transformers_with_tied_embeddings(tiny_model_dir, t
 
 
 def load_on_two_ranks(rank, folders, store, results):
-    """One of two ranks: load each folder with l2a.load_model (meta device, then this rank's rows of each
+    """One of two ranks: load each folder with fsdp.load_model (meta device, then this rank's rows of each
     weight) and record the largest difference of every weight and buffer from Transformers' own loading."""
     l2a.dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     cfg = load_config(ROOT / "config.toml")
     report = {}
     for folder in folders:
-        model = l2a.load_model(folder, cfg, torch.device("cpu"))
+        model = fsdp.load_model(folder, cfg, torch.device("cpu"))
         loaded = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
         reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         expected = {**reference.state_dict(), **dict(reference.named_buffers())}
@@ -322,7 +326,7 @@ def test_on_a_gpu_the_process_group_carries_cpu_tensors_as_well(monkeypatch):
     monkeypatch.setattr(l2a.dist, "init_process_group", lambda backend, **kwargs: chosen.append(backend))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
-    assert l2a.setup_distributed() == torch.device("cuda", 0)
+    assert fsdp.setup_distributed() == torch.device("cuda", 0)
     [backend] = chosen
     assert l2a.dist.distributed_c10d.BackendConfig(backend).get_device_backend_map() == {"cpu": "gloo",
                                                                                          "cuda": "nccl"}
@@ -333,14 +337,14 @@ def prepare_as_two_nodes(rank, gguf, store, folder, results):
     where does the model get prepared, and is an output folder that differs between them refused?"""
     os.environ.update(LOCAL_RANK="0", XDG_CACHE_HOME=str(Path(folder, f"cache{rank}")))
     l2a.dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    l2a.convert_gguf = lambda gguf, folder: folder.mkdir(parents=True) or (folder / "config.json").write_text("{}")
-    said = {"model_ready": (Path(l2a.resolve_model_path(gguf)) / "config.json").exists()}
+    fsdp.convert_gguf = lambda gguf, folder: folder.mkdir(parents=True) or (folder / "config.json").write_text("{}")
+    said = {"model_ready": (Path(fsdp.resolve_model_path(gguf)) / "config.json").exists()}
     for name, out in (("same", Path(folder, "out")), ("different", Path(folder, f"out{rank}"))):
         out.mkdir(exist_ok=True)
         try:
-            l2a.check_shared(out)
+            fsdp.check_shared(out)
             said[name] = "accepted"
-        except l2a.BadInput as e:
+        except BadInput as e:
             said[name] = str(e)
     Path(folder, f"said{rank}").write_text(json.dumps(said))
     l2a.dist.destroy_process_group()
@@ -359,8 +363,8 @@ def test_each_node_prepares_its_own_model_copy_and_an_unshared_output_folder_is_
 
 def test_tied_embeddings_stay_one_parameter_under_fsdp(tiny_model_dir):
     cfg = load_config(ROOT / "config.toml")
-    l2a.setup_distributed()  # a one-process group, as plain `python l2a.py` gets
-    model = l2a.load_model(str(tiny_model_dir), cfg, torch.device("cpu"))
+    fsdp.setup_distributed()  # a one-process group, as plain `python l2a.py` gets
+    model = fsdp.load_model(str(tiny_model_dir), cfg, torch.device("cpu"))
     assert model.lm_head.weight is model.model.embed_tokens.weight
     ids = torch.randint(0, 1000, (2, 6))
     logps, _ = grpo.token_logprobs(model, ids, torch.ones_like(ids), 3)
@@ -381,9 +385,9 @@ def shared_vs_plain_on_two_ranks(rank, model_dir, store, results):
     split a group, under FSDP2; record the largest log-prob and (full, reduced) gradient differences."""
     l2a.dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     cfg = load_config(ROOT / "config.toml", ["model.dtype='float32'"])
-    model = l2a.load_model(model_dir, cfg, torch.device("cpu"))
+    model = fsdp.load_model(model_dir, cfg, torch.device("cpu"))
     prompts = [[[1, 5, 9, 13, 17, 21, 30], [1, 40]], [[1, 7, 7, 60, 3], [1, 8, 9]]][rank]
-    with l2a.gathered(model):
+    with fsdp.gathered(model):
         rollout = grpo.sample(model, prompts, 3, 10, [2], 2, temperature=1.5, seeds=[rank * 6 + i for i in range(6)])
     weights = rollout.completion_mask * torch.linspace(-1, 1, 6)[:, None]
     scored = {}
@@ -391,7 +395,7 @@ def shared_vs_plain_on_two_ranks(rank, model_dir, store, results):
         model.zero_grad()
         logps = []
         for rows in (slice(0, 4), slice(4, 6)):  # prompt 1's rows land in both micro-batches
-            lp, _ = l2a.score_rows(model, rollout, rows, 3, share, 1.0, 7)
+            lp, _ = grpo.score_rows(model, rollout, rows, 3, share, 1.0, 7)
             (lp * weights[rows, :lp.size(1)]).sum().backward()
             logps.append(torch.nn.functional.pad(lp.detach(), (0, weights.size(1) - lp.size(1))))
         scored[share] = (torch.cat(logps) * rollout.completion_mask,
@@ -417,14 +421,14 @@ def count_gathers_while_sampling(rank, model_dir, store, results):
     """One of two ranks: count FSDP2's all-gathers while sampling, with and without gathered()."""
     from torch.distributed.fsdp._fully_shard import _fsdp_param_group  # where FSDP2 calls its all-gather
     l2a.dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    model = l2a.load_model(model_dir, load_config(ROOT / "config.toml"), torch.device("cpu"))
+    model = fsdp.load_model(model_dir, load_config(ROOT / "config.toml"), torch.device("cpu"))
     calls = []
     original = _fsdp_param_group.foreach_all_gather
     _fsdp_param_group.foreach_all_gather = lambda *a, **k: calls.append(1) or original(*a, **k)
     counts = []
     for max_new_tokens, gather_once in [(2, True), (10, True), (10, False)]:
         calls.clear()
-        with l2a.gathered(model) if gather_once else contextlib.nullcontext():
+        with fsdp.gathered(model) if gather_once else contextlib.nullcontext():
             grpo.sample(model, [[1, 2, 3]], 2, max_new_tokens, [], 0, seeds=[0, 1])
         counts.append(len(calls))
     Path(results, str(rank)).write_text(json.dumps(counts))
@@ -447,13 +451,15 @@ def test_warm_start_loss_and_gradient_equal_a_naive_cross_entropy(tiny_model_dir
     prompts, and its gradient is that of the naive loss on Transformers' own logits."""
     cfg = load_config(ROOT / "config.toml", ["model.dtype='float32'", "sft.prompts_per_step=3",
                                                  "train.micro_batch_size=2"])
-    l2a.setup_distributed()
+    fsdp.setup_distributed()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    samples, ids, _ = l2a.encode_prompts(l2a.preprocess.load_samples(ROOT / "data/demo/train.jsonl")[:3], tokenizer,
+    samples, ids, _ = l2a.encode_prompts(preprocess.load_samples(ROOT / "data/demo/train.jsonl")[:3],
+                                         preprocess.policy_messages, tokenizer,
                                          4096)
-    model = l2a.load_model(str(tiny_model_dir), cfg, torch.device("cpu"))
+    model = fsdp.load_model(str(tiny_model_dir), cfg, torch.device("cpu"))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # keeps the gradient for a look, changes nothing
-    said = l2a.warm_start_step(model, optimizer, tokenizer, samples, ids, cfg, 0, torch.device("cpu"))
+    said = l2a.warm_start_step(model, optimizer, tokenizer, samples, ids, [s["expert_turn"] for s in samples], cfg, 0,
+                               torch.device("cpu"))
 
     naive = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     order = l2a.step_indices(3, 0, 3, cfg["train"]["seed"])
@@ -475,12 +481,13 @@ def test_warm_start_loss_and_gradient_equal_a_naive_cross_entropy(tiny_model_dir
 
 def test_reference_rows_choose_the_best_constant_on_train_and_grade_the_expert_on_test():
     import judge
-    samples = {split: l2a.preprocess.load_samples(ROOT / f"data/demo/{split}.jsonl") for split in ("train", "test")}
+    samples = {split: preprocess.load_samples(ROOT / f"data/demo/{split}.jsonl") for split in ("train", "test")}
     test = samples["test"][:20]  # the default's test prompts
     reward_fn = judge.make_reward_fn({"backend": "rules", "fusion": "multiplicative"})
-    l2a.setup_distributed()
-    rows = l2a.reference_evaluations(samples["train"], test, reward_fn, judge.rollout_metrics, 500)
-    assert l2a.reference_evaluations(samples["train"], test, reward_fn, judge.rollout_metrics, 0) == {}
+    fsdp.setup_distributed()
+    task = l2a.load_task("learn_to_ask")
+    rows = evaluation.reference_evaluations(task, samples["train"], test, reward_fn, 500)
+    assert evaluation.reference_evaluations(task, samples["train"], test, reward_fn, 0) == {}
 
     def mean(split, answer):
         return sum(x["reward"] for x in reward_fn(split, [answer] * len(split))) / len(split)
@@ -499,16 +506,16 @@ def test_a_guided_run_trains_on_the_experts_turns_and_logs_them_apart(tiny_model
     out = tmp_path / "run"
     l2a_run(write_config(tmp_path / "c.toml", tiny_model_dir, out, grpo={"group_size": 4, "max_new_tokens": 48,
                                                                          "expert_in_group": True}))
-    turns = {s["cid"]: s["expert_turn"] for s in l2a.preprocess.load_samples(ROOT / "data/demo/train.jsonl")}
+    turns = {s["cid"]: s["expert_turn"] for s in preprocess.load_samples(ROOT / "data/demo/train.jsonl")}
     for line in map(json.loads, (out / "samples.jsonl").read_text().splitlines()):
         *drawn, guide = line["completions"]
         assert guide["expert"] and guide["response"] == turns[line["cid"]] and not any("expert" in c for c in drawn)
     for m in metric_lines(out)[1:]:  # the training reward is the policy's own; the guides' is logged apart
         assert m["rollouts"] == 16 and "expert_reward_mean" in m and m["updated"]
         assert m["sampler_trainer_logprob_gap"] < 1e-3  # the guides, never sampled, are left out of it
-    with pytest.raises(l2a.BadInput, match="expert_in_group"):  # a custom task has no expert turns
+    with pytest.raises(BadInput, match="expert_in_group"):  # a custom task has no expert turns
         l2a.train(load_config(write_config(tmp_path / "d.toml", tiny_model_dir, tmp_path / "d",
-                                               grpo={"expert_in_group": True})), reward_fn=lambda s, r: [])
+                                               grpo={"expert_in_group": True})), task=toy_task())
 
 
 def test_a_warm_started_run_resumes_across_the_switch_to_grpo_exactly(tiny_model_dir, tmp_path):

@@ -1,18 +1,22 @@
 """A training run with a learnable toy reward, for the tests:
 `python|torchrun toy_run.py CONFIG [--resume] [--inf-reward | --slow-reward]`.
 
-The toy reward is the share of vowels in the response: a tiny random model can raise it within a few
-steps, and it needs no judge. --inf-reward makes one reward of each batch infinite, a broken reward function.
---slow-reward takes 1.5 s per batch, as a remote judge may: a step or an evaluation then outlasts a signal.
+The toy task is the demo's prompts with the share of vowels in the response as its reward: a tiny random
+model can raise it within a few steps, and it needs no judge. --inf-reward makes one reward of each
+batch infinite, a broken reward function. --slow-reward takes 1.5 s per batch, as a remote judge may: a
+step or an evaluation then outlasts a signal.
 """
 
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import checkpoint  # noqa: E402
 import l2a  # noqa: E402
-from config import load_config
+import preprocess  # noqa: E402
+from config import load_config  # noqa: E402
 
 
 def vowel_share(samples, responses):
@@ -29,12 +33,17 @@ def slowly(samples, responses):
     return vowel_share(samples, responses)
 
 
+def toy_task(reward=vowel_share):
+    """A task as l2a.load_task returns one: the demo's samples and prompts, this reward, the defaults."""
+    return SimpleNamespace(**{**l2a.OPTIONAL, "load_samples": preprocess.load_samples,
+                              "messages": preprocess.policy_messages, "make_reward": lambda cfg: reward})
+
+
 if __name__ == "__main__":
+    reward = one_infinite if "--inf-reward" in sys.argv else slowly if "--slow-reward" in sys.argv else vowel_share
     try:
-        l2a.train(load_config(sys.argv[1]), resume="--resume" in sys.argv,
-                  reward_fn=one_infinite if "--inf-reward" in sys.argv else slowly if "--slow-reward" in sys.argv
-                  else vowel_share)
-    except l2a.RunStopped as e:  # as l2a.main says it
+        l2a.train(load_config(sys.argv[1]), resume="--resume" in sys.argv, task=toy_task(reward))
+    except checkpoint.RunStopped as e:  # as l2a.main says it
         sys.exit(f"stopped: {e}")
     finally:
         l2a.dist.destroy_process_group()
