@@ -57,7 +57,7 @@ def save_checkpoint(model, optimizer, tokenizer, step, trainer_state, out_dir, k
                 shutil.rmtree(old)
         except OSError as e:
             error = e
-    failed, full = any_rank(error is not None, error is not None and disk_full(error, root))
+    failed, full = any_rank(error is not None, error is not None and disk_full(error, root, latest_checkpoint(out_dir)))
     if not failed:
         return final
     if rank == 0:
@@ -108,11 +108,15 @@ def fsync(path):
         os.close(fd)
 
 
-def disk_full(error, folder):
-    """Whether a failed save ran out of room. Torch's own writers (DCP's among them) report ENOSPC in words
-    of their own, so the file system's free space decides; it never raises, since every rank must answer."""
+def disk_full(error, folder, previous):
+    """Whether a failed save ran out of room; it never raises, since every rank must answer. Torch's own
+    writers report ENOSPC in words of their own ("unexpected pos 704 vs 598", seen on a GPU machine's
+    disk), and a buffered writer can stop with megabytes still free, so the free space left beside the
+    half-written save decides: full when a save as large as the previous checkpoint would not fit in it
+    (with no previous checkpoint, when under 64 MiB is left)."""
     try:
-        return shutil.disk_usage(folder).free < 2**20
+        needed = sum(f.stat().st_size for f in previous.rglob("*") if f.is_file()) if previous else 2**26
+        return shutil.disk_usage(folder).free < needed
     except OSError:
         return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
 

@@ -125,8 +125,6 @@ def load_model(path, cfg, device, trainable=True):
     with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32,
                                                  attn_implementation=attention)
-    if trainable and cfg["model"]["gradient_checkpointing"]:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype(cfg["model"]["dtype"], device),
                                   reduce_dtype=torch.float32)
     layers = [m for m in model.modules() if type(m).__name__ in model._no_split_modules]

@@ -13,7 +13,7 @@ Face causal LMs, prompts are lists of token ids, rewards are tensors.
 """
 
 import importlib.util
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 
@@ -21,6 +21,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicLayer
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 
 def shape_logits(logits, temperature=1.0, top_k=0, top_p=1.0):
@@ -273,13 +274,73 @@ def token_logprobs(model, input_ids, attention_mask, n_completion, temperature=1
                            use_cache=False, logits_to_keep=n_completion + 1)
 
 
+class PromptKV(DynamicLayer):
+    """One layer's keys and values in the shared-prompt passes, kept so that the layer's forward is a pure
+    function of its inputs: run again in the backward (activation checkpointing, recomputed_layers), it
+    gives what it gave the first time, and the gradient still reaches the prompt pass.
+
+    In the prompt pass (prompt None) the first call keeps the layer's keys and values, and a
+    recomputation keeps nothing. In the answer pass (prompt: the prompt pass's keys and values) a call
+    returns each row's prompt, prompt[rows] (all the prompts, packed, when rows is None), then the rows'
+    own keys and values, and keeps nothing. The rows are picked inside the layer, so under checkpointing
+    the G copies of a prompt's keys and values exist for one layer at a time."""
+
+    def __init__(self, prompt=None, rows=None):
+        super().__init__()
+        self.prompt, self.rows = prompt, rows
+        if prompt is not None:
+            self.lazy_initialization(*prompt)
+            self.keys, self.values = prompt
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self.prompt is None:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+                self.keys, self.values = key_states, value_states
+            return key_states, value_states
+        keys, values = self.prompt if self.rows is None else (x[self.rows] for x in self.prompt)
+        return torch.cat([keys, key_states], -2), torch.cat([values, value_states], -2)
+
+
+def answer_cache(prompt_cache, rows=None):
+    """The answer pass's cache, reading the prompt pass's (PromptKV)."""
+    return Cache(layers=[PromptKV((layer.keys, layer.values), rows) for layer in prompt_cache.layers])
+
+
+@contextmanager
+def recomputed_layers(model):
+    """Per-layer activation checkpointing of the forwards run in this block: each decoder layer keeps its
+    input for the backward and runs again there for the rest (torch's non-reentrant checkpoint), as
+    torchtitan and TRL checkpoint. It costs one more forward of the layers (about a third more FLOPs) and
+    frees their activations.
+
+    Transformers' own checkpointing switches the KV cache off, which the shared-prompt passes need. This
+    one leaves the layer's arguments alone, cache included, and PromptKV makes the layer's forward pure.
+    Under FSDP2 the checkpoint sits inside the layer's forward hooks, so the layer's weights are gathered
+    for its backward before the recomputation needs them."""
+    def run(forward, attention, *args, **kwargs):
+        with attention_as(model, attention):
+            return forward(*args, **kwargs)
+
+    def checkpointed(forward, *args, **kwargs):
+        # The recomputation runs after the forward's `with attention_as(...)` has ended (the packed path's):
+        # the attention the layer ran with goes along as an argument, and it runs with that again.
+        return checkpoint(run, forward, model.config._attn_implementation, *args, use_reentrant=False, **kwargs)
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer.forward = partial(checkpointed, layer.forward)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
 def _prompt_pass(model, **inputs):
-    """The prompt's forward of the shared and packed paths: its KV cache, and the hidden states that reach
-    the LM head, which projects none of them (no prompt token is scored). Needs the KV cache, so not
-    with Transformers' gradient checkpointing, which switches the cache off."""
-    if getattr(model, "is_activation_checkpointing", False) and torch.is_grad_enabled():
-        raise ValueError("sharing the prompt pass needs the KV cache, which gradient checkpointing switches off")
-    kept = {}
+    """The prompt's forward of the shared and packed paths: its keys and values (PromptKV), and the hidden
+    states that reach the LM head, which projects none of them (no prompt token is scored)."""
+    kept, cache = {}, Cache(layer_class_to_replicate=PromptKV)
 
     def keep(module, args):
         kept["h"] = args[0]
@@ -287,10 +348,10 @@ def _prompt_pass(model, **inputs):
 
     handle = model.get_output_embeddings().register_forward_pre_hook(keep)
     try:
-        out = model(use_cache=True, **inputs)
+        model(cache=cache, use_cache=True, **inputs)
     finally:
         handle.remove()
-    return out.cache, kept["h"]
+    return cache, kept["h"]
 
 
 def shared_prompt_logprobs(model, prompt_ids, prompt_mask, prompt_of_row, completion_ids, completion_mask,
@@ -300,23 +361,22 @@ def shared_prompt_logprobs(model, prompt_ids, prompt_mask, prompt_of_row, comple
     A Learn-to-Ask row is a long consultation and a short answer, and the G answers of a group share
     their prompt: scoring full rows runs the prompt G times, forward and backward. Here each distinct
     prompt (prompt_ids: [N, P], left-padded) goes through the model once; its KV cache is then indexed
-    out to its rows (a differentiable gather), and the completions ([B, T], right-padded) run as a
-    second forward that attends to it, exactly like the sampler's decode. The gradients of all rows flow
+    out to its rows inside each layer (PromptKV, a differentiable gather), and the completions ([B, T],
+    right-padded) run as a second forward that attends to it, exactly like the sampler's decode. The gradients of all rows flow
     back through the gathered keys and values into the one prompt pass. The prompt's last hidden state
-    scores each row's first token. Equal to token_logprobs on the full rows up to float error (tested).
-    Needs the KV cache, so not with Transformers' gradient checkpointing, which switches the cache off.
+    scores each row's first token. Equal to token_logprobs on the full rows up to float error (tested),
+    also under recomputed_layers.
     """
     cache, last = _prompt_pass(model, input_ids=prompt_ids, attention_mask=prompt_mask,
                                position_ids=positions_from_mask(prompt_mask), logits_to_keep=1)
-    cache.batch_select_indices(prompt_of_row)
     row_prompt_mask = prompt_mask[prompt_of_row]
     # Positions continue from each prompt's real length; the mask spans the padded prompt, then the answer.
     positions = row_prompt_mask.sum(-1, keepdim=True) + torch.arange(completion_ids.size(1), device=prompt_ids.device)
     first = last[prompt_of_row]
     return _scored_forward(model, completion_ids, temperature, chunk_tokens, lambda h: torch.cat([first, h[:, :-1]], 1),
                            input_ids=completion_ids, attention_mask=torch.cat([row_prompt_mask, completion_mask], 1),
-                           position_ids=positions, cache=cache, use_cache=True,
-                           logits_to_keep=completion_ids.size(1))
+                           position_ids=positions, cache=answer_cache(cache, prompt_of_row),
+                           use_cache=True, logits_to_keep=completion_ids.size(1))
 
 
 @dataclass
@@ -366,9 +426,9 @@ AttentionInterface.register("l2a_packed", packed_attention)
 
 
 @contextmanager
-def packed_model(model):
+def attention_as(model, implementation):
     config, before = model.config, model.config._attn_implementation
-    config._attn_implementation = "l2a_packed"
+    config._attn_implementation = implementation
     try:
         yield
     finally:
@@ -389,7 +449,7 @@ def packed_prompt_logprobs(model, prompt_ids, prompt_mask, prompt_of_row, comple
     in_prompt, in_completion = prompt_mask.bool(), completion_mask.bool()
     prompt_len, completion_len = prompt_mask.sum(1), completion_mask.sum(1)
     cu_p, cu_c = ([0] + lengths.cumsum(0).tolist() for lengths in (prompt_len, completion_len))
-    with packed_model(model):
+    with attention_as(model, "l2a_packed"):
         cache, hidden = _prompt_pass(model, input_ids=prompt_ids[in_prompt][None], logits_to_keep=0,
                                      position_ids=positions_from_mask(prompt_mask)[in_prompt][None],
                                      packing=Packing(cu_p, cu_p))
@@ -404,44 +464,45 @@ def packed_prompt_logprobs(model, prompt_ids, prompt_mask, prompt_of_row, comple
     n_rows, flat = len(rows), torch.arange(cu_c[-1], device=device)
     row_of = torch.arange(n_rows, device=device).repeat_interleave(completion_len)
     source = torch.where(flat == torch.tensor(cu_c[:-1], device=device)[row_of], row_of, n_rows + flat - 1)
-    with packed_model(model):
+    with attention_as(model, "l2a_packed"):
         logps, entropies = _scored_forward(
             model, completion_ids[in_completion], temperature, chunk_tokens,
             lambda h: torch.cat([prompt_last[prompt_of_row], h[0]])[source],
             input_ids=completion_ids[in_completion][None], position_ids=positions[in_completion][None],
-            cache=cache, use_cache=True, logits_to_keep=cu_c[-1], packing=Packing(cu_c, cu_k, key_index))
+            cache=answer_cache(cache), use_cache=True, logits_to_keep=cu_c[-1], packing=Packing(cu_c, cu_k, key_index))
     padded = torch.zeros(completion_ids.shape, dtype=logps.dtype, device=device)
     return padded.masked_scatter(in_completion, logps), padded.masked_scatter(in_completion, entropies)
 
 
-def prompt_sharing(model, group_size, gradient_checkpointing):
+def prompt_sharing(model, group_size):
     """How score_rows runs the prompts: once per group instead of G times (shared_prompt_logprobs),
     and packed without padding where FlashAttention's variable-length kernel makes that pay
-    (packed_prompt_logprobs); None, each row whole, when there is nothing to share or gradient
-    checkpointing has switched the KV cache off."""
-    if group_size == 1 or gradient_checkpointing:
+    (packed_prompt_logprobs); None, each row whole, when there is nothing to share."""
+    if group_size == 1:
         return None
     if model.config._attn_implementation == "flash_attention_2":
         return packed_prompt_logprobs
     return shared_prompt_logprobs
 
 
-def score_rows(model, result, rows, group_size, share, temperature, chunk_tokens):
+def score_rows(model, result, rows, group_size, share, temperature, chunk_tokens, recompute=False):
     """Log-probs and entropies of the completions of `rows` (a slice of the rollout), trimmed to the rows'
     own longest prompt (left padding) and completion (right padding). With `share` (prompt_sharing), each
-    prompt of the slice runs once for all its rows there, whole groups or not."""
+    prompt of the slice runs once for all its rows there, whole groups or not; with `recompute`, under
+    recomputed_layers."""
     prompt_columns = result.prompt_mask[rows].any(0)
     width = int(result.completion_mask[rows].sum(1).max())
     completion_ids, completion_mask = result.completion_ids[rows, :width], result.completion_mask[rows, :width]
-    if share:
-        prompt_of_row = torch.arange(len(result.prompt_ids), device=completion_ids.device)[rows] // group_size
-        first_rows = prompt_of_row.unique() * group_size
-        return share(model, result.prompt_ids[first_rows][:, prompt_columns],
-                     result.prompt_mask[first_rows][:, prompt_columns], prompt_of_row - prompt_of_row[0],
-                     completion_ids, completion_mask, temperature, chunk_tokens)
-    ids = torch.cat([result.prompt_ids[rows][:, prompt_columns], completion_ids], 1)
-    mask = torch.cat([result.prompt_mask[rows][:, prompt_columns], completion_mask], 1)
-    return token_logprobs(model, ids, mask, width, temperature, chunk_tokens)
+    with recomputed_layers(model) if recompute else nullcontext():
+        if share:
+            prompt_of_row = torch.arange(len(result.prompt_ids), device=completion_ids.device)[rows] // group_size
+            first_rows = prompt_of_row.unique() * group_size
+            return share(model, result.prompt_ids[first_rows][:, prompt_columns],
+                         result.prompt_mask[first_rows][:, prompt_columns], prompt_of_row - prompt_of_row[0],
+                         completion_ids, completion_mask, temperature, chunk_tokens)
+        ids = torch.cat([result.prompt_ids[rows][:, prompt_columns], completion_ids], 1)
+        mask = torch.cat([result.prompt_mask[rows][:, prompt_columns], completion_mask], 1)
+        return token_logprobs(model, ids, mask, width, temperature, chunk_tokens)
 
 
 def _scored_forward(model, targets, temperature, chunk_tokens, hidden_for_targets, **inputs):

@@ -19,6 +19,7 @@ import sys
 import time
 import traceback
 from collections import deque
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -424,7 +425,8 @@ def warm_start_step(model, optimizer, tokenizer, samples, prompt_ids, demos, cfg
     loss_sum = 0.0
     for b in range(0, len(indices), t["micro_batch_size"]):
         rows = slice(b, b + t["micro_batch_size"])
-        logprobs, _ = grpo.token_logprobs(model, ids[rows], mask[rows], width, 1.0, cfg["grpo"]["logprob_chunk"])
+        with grpo.recomputed_layers(model) if cfg["model"]["gradient_checkpointing"] else nullcontext():
+            logprobs, _ = grpo.token_logprobs(model, ids[rows], mask[rows], width, 1.0, cfg["grpo"]["logprob_chunk"])
         loss = -(logprobs * target_mask[rows]).sum() / tokens
         loss.backward()
         loss_sum += loss.item()
@@ -469,7 +471,7 @@ def update_policy(model, reference, optimizer, result, rewards, cfg):
     G, device = g["group_size"], result.completion_mask.device
     advantages = grpo.group_advantages(rewards, G, g["scale_by_std"]).to(device)
     mask = result.completion_mask * grpo.trained_rows(rewards, G).to(device)[:, None]
-    share = grpo.prompt_sharing(model, G, cfg["model"]["gradient_checkpointing"])
+    share, recompute = grpo.prompt_sharing(model, G), cfg["model"]["gradient_checkpointing"]
     normalizer = grpo.loss_normalizer(mask, g["aggregation"], g["max_new_tokens"])
     dist.all_reduce(normalizer)
     batches = [slice(i, i + t["micro_batch_size"]) for i in range(0, len(mask), t["micro_batch_size"])]
@@ -478,7 +480,8 @@ def update_policy(model, reference, optimizer, result, rewards, cfg):
         optimizer.zero_grad(set_to_none=True)
         update_loss = 0.0
         for b in batches:
-            logprobs, entropy = grpo.score_rows(model, result, b, G, share, g["temperature"] or 1.0, g["logprob_chunk"])
+            logprobs, entropy = grpo.score_rows(model, result, b, G, share, g["temperature"] or 1.0, g["logprob_chunk"],
+                                                recompute)
             width = logprobs.size(1)
             m = mask[b, :width]
             if mu == 0:  # the sampling policy, recomputed by the trainer so both sides of rho match

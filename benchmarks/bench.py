@@ -43,10 +43,11 @@ def peak_rss_gib():
 
 def base_config(prompts, group, tokens, dtype, steps, out_dir):
     cfg = load_config(ROOT / "config.toml")
-    cfg["model"]["dtype"] = dtype
+    cfg["model"].update(dtype=dtype, gradient_checkpointing=True)  # as TRL's GRPOConfig does by default
     cfg["train"].update(steps=steps, prompts_per_step=prompts, micro_batch_size=prompts * group, output_dir=out_dir)
-    cfg["grpo"].update(group_size=group, max_new_tokens=tokens)
-    cfg["eval"].update(prompts=1, samples=1, max_new_tokens=1)  # the runs' own evaluations cost ~nothing
+    cfg["grpo"].update(group_size=group, max_new_tokens=tokens, expert_in_group=False)  # plain GRPO, as TRL's
+    cfg["sft"]["steps"] = 0
+    cfg["eval"].update(prompts=1, samples=1, max_new_tokens=1, constant_prompts=0)  # evaluations cost ~nothing
     cfg["data"]["train_file"] = str(ROOT / cfg["data"]["train_file"])
     cfg["data"]["test_file"] = str(ROOT / cfg["data"]["test_file"])
     return cfg

@@ -6,12 +6,15 @@ architecture, without a GPU:
 
 The sharded state and the sampler's KV cache are arithmetic on the parameter and head counts. The
 activations that backward keeps are measured: a one-layer model of the 7B layer's shape runs the trainer's
-scoring forward in bf16 on CPU (shared prompts, and Transformers' gradient checkpointing on full rows),
-and every tensor autograd saves is counted (saved_tensors_hooks); 28 layers keep 28 times one layer's
-share. The CPU's attention saves what FlashAttention's does (the output and one float per query and
+shared-prompt scoring forward in bf16 on CPU, with and without recomputed layers
+(grpo.recomputed_layers, model.gradient_checkpointing), and every tensor autograd saves is counted
+(saved_tensors_hooks); 28 layers keep 28 times one layer's share. Under recomputation the hooks see only
+what is saved outside the layers; what the layers hold besides (each layer's input, the prompts' keys and
+values) is added by arithmetic, and so is one layer's full share while it is recomputed. The CPU's attention saves what FlashAttention's does (the output and one float per query and
 head), so the count carries over; allocator slack and CUDA's own context (~1 GiB) are not in it.
 """
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -27,8 +30,9 @@ QWEN7B = dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num
 GIB = 2**30
 
 
-def saved_bytes(model, prompts, rows, prompt_tokens, completion_tokens, share):
-    """Bytes autograd keeps for backward after one scoring forward of `rows` answers to `prompts` prompts."""
+def saved_bytes(model, prompts, rows, prompt_tokens, completion_tokens, recompute):
+    """Bytes autograd keeps for backward after one shared-prompt scoring forward of `rows` answers to
+    `prompts` prompts."""
     saved = []
 
     def keep(t):
@@ -37,33 +41,27 @@ def saved_bytes(model, prompts, rows, prompt_tokens, completion_tokens, share):
 
     prompt = torch.randint(100, 1000, (prompts, prompt_tokens))
     answers = torch.randint(100, 1000, (rows, completion_tokens))
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        if share:
-            grpo.shared_prompt_logprobs(model, prompt, torch.ones_like(prompt),
-                                        torch.arange(rows) * prompts // rows, answers, torch.ones_like(answers))
-        else:
-            ids = torch.cat([prompt[torch.arange(rows) * prompts // rows], answers], 1)
-            grpo.token_logprobs(model, ids, torch.ones_like(ids), completion_tokens)
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), \
+            grpo.recomputed_layers(model) if recompute else contextlib.nullcontext():
+        grpo.shared_prompt_logprobs(model, prompt, torch.ones_like(prompt), torch.arange(rows) * prompts // rows,
+                                    answers, torch.ones_like(answers))
     return sum(saved)
 
 
-def token_bytes(share, checkpointing, layers):
+def token_bytes(recompute, layers):
     """Saved bytes per prompt token and per answer token of a `layers`-layer model (three small runs, solved)."""
     config = AutoConfig.for_model(**{**QWEN7B, "num_hidden_layers": layers})
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa").train()
-    if checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     runs = [(1, 2, 64, 32), (1, 2, 128, 32), (1, 2, 64, 64)]  # (prompts, rows, prompt tokens, answer tokens)
-    base, more_prompt, more_answer = (saved_bytes(model, *r, share) for r in runs)
-    prompt_runs = 1 if share else 2  # without sharing, each row runs its prompt
-    return torch.tensor([(more_prompt - base) / (64 * prompt_runs), (more_answer - base) / (32 * 2)])
+    base, more_prompt, more_answer = (saved_bytes(model, *r, recompute) for r in runs)
+    return torch.tensor([(more_prompt - base) / 64, (more_answer - base) / (32 * 2)])
 
 
-def activation_bytes(share, checkpointing, layers):
-    """Saved bytes per (prompt token, answer token) of the whole `layers`-layer model: one layer's share,
-    from a two-layer model less a one-layer one, times `layers`, plus what lies outside the layers."""
-    one, two = (token_bytes(share, checkpointing, n) for n in (1, 2))
+def activation_bytes(recompute, layers):
+    """Saved bytes per (prompt token, answer token) of the whole `layers`-layer model, and one layer's
+    share: a two-layer model less a one-layer one, times `layers`, plus what lies outside the layers."""
+    one, two = (token_bytes(recompute, n) for n in (1, 2))
     return (one - (two - one)) + layers * (two - one), two - one
 
 
@@ -92,19 +90,19 @@ def main():
     print(f"sampling: bf16 weights gathered for the phase {2 * params / GIB:.1f} GiB + KV cache of {rows} rows "
           f"{(sampling - 2 * params) / GIB:.1f} GiB\n")
     layers = c["num_hidden_layers"]
-    shared, _ = activation_bytes(True, False, layers)
-    checkpointed, _ = activation_bytes(False, True, layers)
-    _, full_layer = activation_bytes(False, False, layers)
+    plain, one_layer = activation_bytes(False, layers)
+    outside, _ = activation_bytes(True, layers)
+    # Under recomputation each layer also holds its input (bf16 hidden states) and the prompts' keys and
+    # values (kept for the answers), and the layer being recomputed its full share once more.
+    held = torch.tensor([layers * c["hidden_size"] * 2 + kv_per_token, layers * c["hidden_size"] * 2])
+    recomputed = outside + held + one_layer
     print("| micro_batch_size | scoring | activations GiB | update peak GiB |\n|---|---|---|---|")
-    for label in ("shared prompts", "gradient checkpointing"):
-        for micro in (1, 2, a.group_size, 8):
-            if label == "shared prompts":  # the most groups one micro-batch of this rank's rows touches
-                prompt_runs = max(len({r // a.group_size for r in range(i, min(i + micro, rows))})
-                                  for i in range(0, rows, micro))
-                activations = prompt_runs * a.prompt_tokens * shared[0] + micro * a.completion_tokens * shared[1]
-            else:  # every layer keeps its input; the layer being recomputed holds its full share once more
-                activations = micro * ((checkpointed + full_layer) @ torch.tensor([a.prompt_tokens, a.completion_tokens],
-                                                                                   dtype=torch.float))
+    for label, per_token in (("shared prompts", plain), ("shared prompts, recomputed layers", recomputed)):
+        for micro in (1, 2, a.group_size, 8, 2 * a.group_size):
+            # the most groups one micro-batch of this rank's rows touches: each runs its prompt once
+            prompt_runs = max(len({r // a.group_size for r in range(i, min(i + micro, rows))})
+                              for i in range(0, rows, micro))
+            activations = prompt_runs * a.prompt_tokens * per_token[0] + micro * a.completion_tokens * per_token[1]
             update = state + gathered_in_update + float(activations) + head_chunk
             print(f"| {micro} | {label} | {float(activations) / GIB:.1f} | {update / GIB:.1f} |")
     print(f"\nsampling peak: {(12 * params / a.ranks + sampling) / GIB:.1f} GiB (gradients are freed by then)")

@@ -88,16 +88,18 @@ def counted_collectives(seen):
 
 def check_training(folder, out, parameters):
     """The default's two kinds of step, a warm start step and a guided GRPO step, then a second GRPO step
-    after --resume; returns the numbers of the GRPO steps."""
+    after --resume with the layers recomputed in the backward (as the real recipe runs); returns the numbers
+    of the GRPO steps."""
     import l2a
-    cfg = load_config(ROOT / "config.toml", ["model.dtype='auto'", "sft.steps=1", "train.steps=1"])
+    cfg = load_config(ROOT / "config.toml", ["model.dtype='auto'", "sft.steps=1", "train.steps=1",
+                                             "train.keep_checkpoints=1"])
     cfg["model"]["path"], cfg["train"]["output_dir"] = str(folder), str(out)
     cfg["data"] = {**cfg["data"], **{k: str(ROOT / cfg["data"][k]) for k in ("train_file", "test_file")}}
     cfg["eval"].update(prompts=2, samples=1, max_new_tokens=8)
     collectives = Counter()
     with counted_collectives(collectives):
         l2a.train(cfg)
-        cfg["train"]["steps"] = 2
+        cfg["train"]["steps"], cfg["model"]["gradient_checkpointing"] = 2, True
         l2a.train(cfg, resume=True)
     steps = [json.loads(line) for line in open(out / "metrics.jsonl") if '"step_time"' in line]
     later = [m for m in steps if "reward_mean" in m]  # the GRPO steps
@@ -148,13 +150,44 @@ def check_sampler(folder, device):
         return 64 * 64 / (time.perf_counter() - started)
 
     prompt_ids, prompt_mask = (x.to(device) for x in grpo.left_pad(ids, pad))
-    sample_rate = rate(lambda: grpo.sample(model, ids, 4, 64, [], pad, seeds=list(range(64))))
+    drawn = []
+    sample_rate = rate(lambda: drawn.append(grpo.sample(model, ids, 4, 64, [], pad, seeds=list(range(64)))))
     with torch.no_grad():
         generate_rate = rate(lambda: model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True,
                                                     top_k=0, num_return_sequences=4, max_new_tokens=64,
                                                     min_new_tokens=64, pad_token_id=pad))
     return {"greedy_equal": f"{equal}/4", "packed_gap": packed_gap, "sample_tok_s": sample_rate,
-            "generate_tok_s": generate_rate}
+            "generate_tok_s": generate_rate, **check_recompute(model, drawn[-1], device)}
+
+
+def check_recompute(model, rollout, device):
+    """The 64 rows' scoring forward and backward, prompts shared, with and without recomputed layers: the
+    largest log-prob gap and gradient gap (relative to the largest gradient) between the two, whether every
+    gradient is finite in each, and the peak memory of each. (On an H200 in bf16 the gradient gap came out
+    NaN, 2026-11-30: the finiteness says which side.)"""
+    from contextlib import nullcontext
+    import torch
+    import grpo
+    model.train()
+    runs = []
+    for recompute in (False, True):
+        model.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        with grpo.recomputed_layers(model) if recompute else nullcontext():
+            lp, _ = grpo.shared_prompt_logprobs(model, rollout.prompt_ids[::4], rollout.prompt_mask[::4],
+                                                torch.arange(64, device=device) // 4, rollout.completion_ids,
+                                                rollout.completion_mask)
+        (lp * rollout.completion_mask).sum().backward()
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+        runs.append((lp.detach(), {n: p.grad.float() for n, p in model.named_parameters()}, peak))
+    (lp, grads, peak), (lp_r, grads_r, peak_r) = runs
+    scale = max(g.abs().max().item() for g in grads.values())
+    return {"recompute_logprob_gap": (lp - lp_r).abs().max().item(),
+            "recompute_grad_gap": max((grads[n] - grads_r[n]).abs().max().item() for n in grads) / scale,
+            "grads_finite": [all(g.isfinite().all().item() for g in gs.values()) for gs in (grads, grads_r)],
+            "score_peak_gib": peak, "score_peak_recomputed_gib": peak_r}
 
 
 def main():
@@ -194,6 +227,10 @@ def main():
               f"{r['sample_tok_s']:.0f} | "
               f"{r['generate_tok_s']:.0f} | {r['sample_tok_s'] / r['generate_tok_s']:.2f}x |")
     for name, r in results.items():
+        print(f"{name}, 64 rows scored with shared prompts, with and without recomputed layers: log-prob gap "
+              f"{r['recompute_logprob_gap']:.1e}, gradient gap {r['recompute_grad_gap']:.1e} of the largest (finite: "
+              f"{r['grads_finite']}), peak "
+              f"{r['score_peak_gib']:.2f} vs {r['score_peak_recomputed_gib']:.2f} GiB")
         print(f"{name}, collectives made by l2a (calls): " + ", ".join(f"{k} {v}" for k, v in sorted(r["collectives"].items())))
     print(f"\nwritten to {root / 'gpu_check.json'}")
 

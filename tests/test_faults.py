@@ -242,6 +242,20 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tiny_model_dir,
     assert json.loads((kept / "checkpoints/step_1/trainer_state.json").read_text())["step"] == 1
 
 
+def test_a_save_that_stopped_with_megabytes_free_is_a_full_disk(tmp_path, monkeypatch):
+    """Seen on a GPU machine: torch's zip writer failed a 1.5B model's optimizer save with "unexpected pos
+    704 vs 598" while some megabytes were still free. A save as large as the previous checkpoint would not
+    have fitted: that is a full disk, not a bug."""
+    previous = tmp_path / "step_1"
+    previous.mkdir()
+    (previous / "model.safetensors").write_bytes(bytes(20 * 2**20))
+    short_write = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    for free, last, full in [(10 * 2**20, previous, True), (100 * 2**20, previous, False),
+                             (10 * 2**20, None, True), (2**30, None, False)]:
+        monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(0, 0, free))
+        assert checkpoint.disk_full(short_write, tmp_path, last) is full, (free, last)
+
+
 def save_fails_on_two_ranks(rank, model_dir, store, out, results):
     """One of two ranks: a good save, then one whose DCP call raises a TypeError (an API change) on both
     ranks while rank 1 cannot even read the disk's free space. Records how the second save ended."""

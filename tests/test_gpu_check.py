@@ -15,6 +15,7 @@ def test_the_gpu_check_runs_on_cpu(tmp_path):
     tiny = json.loads((tmp_path / "gpu_check.json").read_text())["tiny"]
     assert tiny["resumed"] and tiny["greedy_equal"] == "4/4", tiny  # float32 on CPU: token for token
     assert tiny["packed_gap"] < 1e-4, tiny
+    assert tiny["recompute_logprob_gap"] < 1e-5 and tiny["recompute_grad_gap"] < 1e-4, tiny  # float32: the same
     assert tiny["update_tflops"] > 0 and tiny["sample_tok_s"] > 0 and tiny["generate_tok_s"] > 0
     assert "| tiny | " in result.stdout
     # every kind of collective l2a makes ran (here all on gloo): rank agreement and counters on CPU tensors

@@ -381,8 +381,9 @@ def test_resume_without_a_checkpoint_is_an_error(tiny_model_dir, tmp_path):
 
 
 def shared_vs_plain_on_two_ranks(rank, model_dir, store, results):
-    """One of two ranks: score the same rollout with and without shared prompts, in micro-batches that
-    split a group, under FSDP2; record the largest log-prob and (full, reduced) gradient differences."""
+    """One of two ranks: score the same rollout with and without shared prompts, padded and packed, each
+    with and without the per-layer recomputation, in micro-batches that split a group, under FSDP2;
+    record the largest log-prob and (full, reduced) gradient differences from plain full rows."""
     l2a.dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     cfg = load_config(ROOT / "config.toml", ["model.dtype='float32'"])
     model = fsdp.load_model(model_dir, cfg, torch.device("cpu"))
@@ -391,16 +392,17 @@ def shared_vs_plain_on_two_ranks(rank, model_dir, store, results):
         rollout = grpo.sample(model, prompts, 3, 10, [2], 2, temperature=1.5, seeds=[rank * 6 + i for i in range(6)])
     weights = rollout.completion_mask * torch.linspace(-1, 1, 6)[:, None]
     scored = {}
-    for share in (None, grpo.shared_prompt_logprobs, grpo.packed_prompt_logprobs):
+    for share, recompute in [(share, recompute) for recompute in (False, True)
+                             for share in (None, grpo.shared_prompt_logprobs, grpo.packed_prompt_logprobs)]:
         model.zero_grad()
         logps = []
         for rows in (slice(0, 4), slice(4, 6)):  # prompt 1's rows land in both micro-batches
-            lp, _ = grpo.score_rows(model, rollout, rows, 3, share, 1.0, 7)
+            lp, _ = grpo.score_rows(model, rollout, rows, 3, share, 1.0, 7, recompute)
             (lp * weights[rows, :lp.size(1)]).sum().backward()
             logps.append(torch.nn.functional.pad(lp.detach(), (0, weights.size(1) - lp.size(1))))
-        scored[share] = (torch.cat(logps) * rollout.completion_mask,
+        scored[share, recompute] = (torch.cat(logps) * rollout.completion_mask,
                          {n: p.grad.full_tensor() for n, p in model.named_parameters()})
-    plain_lp, plain_grads = scored.pop(None)
+    plain_lp, plain_grads = scored.pop((None, False))
     Path(results, str(rank)).write_text(json.dumps([{
         "logprob": (lp - plain_lp).abs().max().item(),
         "grad": max((grads[n] - plain_grads[n]).abs().max().item() for n in grads),
@@ -409,11 +411,13 @@ def shared_vs_plain_on_two_ranks(rank, model_dir, store, results):
 
 
 def test_shared_prompts_equal_full_rows_under_fsdp_on_two_ranks(tiny_model_dir, tmp_path):
-    """Padded and packed, each against full rows."""
+    """Padded and packed, with and without recomputed layers, each against full rows."""
     torch.multiprocessing.spawn(shared_vs_plain_on_two_ranks, args=(str(tiny_model_dir), tmp_path / "store", tmp_path),
                                 nprocs=2)
     for rank in (0, 1):
-        for diff in json.loads((tmp_path / str(rank)).read_text()):
+        diffs = json.loads((tmp_path / str(rank)).read_text())
+        assert len(diffs) == 5
+        for diff in diffs:
             assert diff["logprob"] < 1e-5 and diff["grad"] < 1e-5 and diff["grad_scale"] > 1e-2, diff
 
 
@@ -446,11 +450,14 @@ def test_sampling_gathers_parameters_once_not_per_token(tiny_model_dir, tmp_path
 
 # ----------------------------------------------------------------------------- warm start and reference rows
 
-def test_warm_start_loss_and_gradient_equal_a_naive_cross_entropy(tiny_model_dir):
+@pytest.mark.parametrize("recompute", [False, True])
+def test_warm_start_loss_and_gradient_equal_a_naive_cross_entropy(tiny_model_dir, recompute):
     """warm_start_step's loss is the token-mean cross-entropy of the expert turns (then EOS) given their
-    prompts, and its gradient is that of the naive loss on Transformers' own logits."""
+    prompts, and its gradient is that of the naive loss on Transformers' own logits, with the layers
+    recomputed in the backward (model.gradient_checkpointing) or not."""
     cfg = load_config(ROOT / "config.toml", ["model.dtype='float32'", "sft.prompts_per_step=3",
-                                                 "train.micro_batch_size=2"])
+                                                 "train.micro_batch_size=2",
+                                                 f"model.gradient_checkpointing={str(recompute).lower()}"])
     fsdp.setup_distributed()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     samples, ids, _ = l2a.encode_prompts(preprocess.load_samples(ROOT / "data/demo/train.jsonl")[:3],
