@@ -1,6 +1,7 @@
 """The task seam: task.name names a module (Learn-to-Ask by default, examples/clarify/ a second one), and
 the trainer reaches a task only through it."""
 
+import ast
 import json
 import os
 import subprocess
@@ -24,6 +25,15 @@ def test_no_module_imports_the_trainer_and_the_task_needs_no_torch():
     probe = "import sys, learn_to_ask; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                           cwd=ROOT).stdout.strip() == "False"
+
+
+def test_every_function_reads_in_one_screen():
+    """No function in the project is over 60 lines (def to last line, docstring included)."""
+    long = [f"{path.relative_to(ROOT)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for path in ROOT.glob("**/*.py") if ".venv" not in path.parts and "runs" not in path.parts
+            for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.FunctionDef)
+            and node.end_lineno - node.lineno + 1 > 60]
+    assert not long, long
 
 
 def test_a_task_is_a_module_or_a_file_and_a_broken_one_is_one_line(tmp_path):
