@@ -94,7 +94,8 @@ def reference_evaluations(task, train_samples, test_samples, reward_fn, chosen_o
         constant = candidates[max(range(len(candidates)), key=means.__getitem__)]
         pairs["constant"] = [(s, constant) for s in test_samples]
     if task.demonstration:
-        pairs["expert"] = [(s, task.demonstration(s)) for s in test_samples if task.demonstration(s) is not None]
+        answered = [(s, task.demonstration(s)) for s in test_samples]
+        pairs["expert"] = [(s, answer) for s, answer in answered if answer is not None]
     rows = {}
     for name, answered in pairs.items():
         rows[name] = [{"cid": s["cid"], "rollout": 0, "response": r, **score,
