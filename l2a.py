@@ -43,7 +43,7 @@ from fsdp import (any_rank, clipped_step, gathered, load_model, peak_memory_mib,
 # ----------------------------------------------------------------------------- the task and its data
 
 OPTIONAL = {"rollout_metrics": numeric_fields, "CURVES": [("reward", ["reward_mean", "eval_reward"])],
-            "demonstration": None, "constant_candidates": None}
+            "demonstration": None, "constant_candidates": None, "stratum": None}
 
 
 def load_task(name):
@@ -107,10 +107,30 @@ def epoch_order(n, seed, epoch):
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
 
 
-def step_indices(n, step, per_step, seed):
-    """The training prompts of a step: a seeded reshuffle each epoch, a function of the step alone, so a
-    resumed run and a run on another number of ranks see the same prompts."""
-    return [epoch_order(n, seed, i // n)[i % n] for i in range(step * per_step, (step + 1) * per_step)]
+def step_indices(strata, step, per_step, seed):
+    """The training prompts of a step, drawn from `strata` (lists of sample indices; one list: no strata)
+    in turn, each with a seeded reshuffle per pass through it: a function of the step alone, so a resumed
+    run and a run on another number of ranks see the same prompts."""
+    picks = []
+    for i in range(step * per_step, (step + 1) * per_step):
+        pool, nth = strata[i % len(strata)], i // len(strata)
+        # the first stratum's reshuffles are the unstratified order's, so one stratum changes nothing
+        order = epoch_order(len(pool), seed + 7919 * (i % len(strata)), nth // len(pool))
+        picks.append(pool[order[nth % len(pool)]])
+    return picks
+
+
+def grpo_strata(task, samples, balanced):
+    """GRPO's prompt strata: the samples grouped by the task's stratum(sample) under train.balanced, so that
+    each step draws its prompts evenly from them. Why (Learn-to-Ask: the expert's decision): where one
+    kind of prompt is rare (stops are 28% of the demo's), a run of steps without it trains the decision
+    one way only, and the policy unlearns the rare one; evenly drawn, every step compares both."""
+    if not balanced:
+        return [list(range(len(samples)))]
+    groups = {}
+    for i, sample in enumerate(samples):
+        groups.setdefault(task.stratum(sample), []).append(i)
+    return [groups[key] for key in sorted(groups, key=str)]
 
 
 # ----------------------------------------------------------------------------- rollouts
@@ -159,6 +179,7 @@ class Run:
     train: tuple  # (samples, prompt ids)
     test: tuple
     demos: list  # the task's demonstration of each training sample (None where it has none)
+    strata: list  # GRPO draws its prompts from these lists of training samples in turn (grpo_strata)
     references: dict  # name -> (summary, rows): the constant and expert rows
     done: int  # steps trained
     streak: int  # the current run of skipped non-finite updates
@@ -205,6 +226,9 @@ def check_settings(cfg, task):
     if (s["steps"] or g["expert_in_group"]) and task.demonstration is None:
         raise BadInput("sft.steps and grpo.expert_in_group learn from the task's demonstrations (an expert's "
                        "answers), and this task has none")
+    if t["balanced"] and task.stratum is None:
+        raise BadInput("train.balanced draws GRPO's prompts evenly from the task's strata, and this task defines "
+                       "no stratum(sample)")
     if g["group_size"] < 2:  # no group would have two rewards to compare: every step would train nothing
         raise BadInput(f"grpo.group_size = {g['group_size']}: GRPO learns by comparing the answers to one "
                        f"prompt, so a group needs at least 2")
@@ -224,7 +248,9 @@ def start(cfg, task, device, resume):
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = load_model(model_path, cfg, device)
     reference = load_model(base_path, cfg, device, trainable=False) if cfg["grpo"]["kl_coef"] > 0 else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
+    # Fused: one kernel for all parameters. The default (foreach) took 0.57 s per step on the 135M default on
+    # 2 cores, fused 0.09 s (docs/performance.md); CUDA has the same kernel.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"], fused=True)
     state = load_trainer_state(checkpoint, optimizer, model) if checkpoint else {"step": 0}
     train_set = load_split(cfg, task, "train_file", train_raw, tokenizer)
     test_set = load_split(cfg, task, "test_file", test_raw, tokenizer, cfg["eval"]["prompts"])
@@ -234,8 +260,9 @@ def start(cfg, task, device, resume):
                        f"for every training sample (the expert's turn, which preprocess.py writes), and "
                        f"{demos.count(None)} lack one")
     references = reference_evaluations(task, train_set[0], test_set[0], reward_fn, cfg["eval"]["constant_prompts"])
+    strata = grpo_strata(task, train_set[0], t["balanced"])
     run = Run(cfg, task, reward_fn, device, out_dir, tokenizer, model, reference, optimizer, train_set, test_set,
-              demos, references, state["step"], state.get("nonfinite_streak", 0),
+              demos, strata, references, state["step"], state.get("nonfinite_streak", 0),
               deque(state.get("recent_missing", []), maxlen=t["missing_window"]), state["step"], time.monotonic())
     if dist.get_rank() == 0:
         prepare_folder(run, checkpoint)
@@ -374,7 +401,7 @@ def grpo_step(run, step):
     per_rank = t["prompts_per_step"] // dist.get_world_size()
     # A GRPO step's prompts and seeds do not depend on a warm start: runs with and without one see the same
     nth = step - cfg["sft"]["steps"]
-    indices = step_indices(len(samples), nth, t["prompts_per_step"], t["seed"])[rank * per_rank:][:per_rank]
+    indices = step_indices(run.strata, nth, t["prompts_per_step"], t["seed"])[rank * per_rank:][:per_rank]
     seeds = grpo.row_seeds(t["seed"], nth, rank * per_rank, per_rank, G)
     result, responses = rollout(run.model, tokenizer, [prompt_ids[i] for i in indices], cfg["grpo"], seeds, G)
     if cfg["grpo"]["expert_in_group"]:
@@ -411,22 +438,25 @@ def warm_start_step(model, optimizer, tokenizer, samples, prompt_ids, demos, cfg
     t, s = cfg["train"], cfg["sft"]
     rank, world, started = dist.get_rank(), dist.get_world_size(), time.perf_counter()
     per_rank = s["prompts_per_step"] // world
-    indices = step_indices(len(samples), step, s["prompts_per_step"], t["seed"])[rank * per_rank:][:per_rank]
+    indices = step_indices([list(range(len(samples)))], step, s["prompts_per_step"], t["seed"])[rank * per_rank:][:per_rank]
     targets = [answer_ids(tokenizer, demos[i], cfg["grpo"]["max_new_tokens"]) for i in indices]
     prompt, prompt_mask = grpo.left_pad([prompt_ids[i] for i in indices], tokenizer.pad_token_id)
     width = max(map(len, targets))
     target = torch.tensor([ids + [tokenizer.pad_token_id] * (width - len(ids)) for ids in targets])
     target_mask = (torch.arange(width) < torch.tensor(list(map(len, targets)))[:, None]).long()
-    ids, mask = (torch.cat(pair, 1).to(device) for pair in ((prompt, target), (prompt_mask, target_mask)))
-    target_mask = target_mask.to(device)
+    prompt, prompt_mask, target, target_mask = (x.to(device) for x in (prompt, prompt_mask, target, target_mask))
     tokens = target_mask.sum().float()
     dist.all_reduce(tokens)  # the global token count, before any backward: ranks and micro-batches weigh alike
     optimizer.zero_grad(set_to_none=True)
     loss_sum = 0.0
     for b in range(0, len(indices), t["micro_batch_size"]):
         rows = slice(b, b + t["micro_batch_size"])
+        # Packed, each prompt then its answer with no padding: the prompts differ in length (118 to 340 tokens
+        # in the demo), and padding a batch of 8 to its longest spent a third of the step (docs/performance.md).
         with grpo.recomputed_layers(model) if cfg["model"]["gradient_checkpointing"] else nullcontext():
-            logprobs, _ = grpo.token_logprobs(model, ids[rows], mask[rows], width, 1.0, cfg["grpo"]["logprob_chunk"])
+            logprobs, _ = grpo.packed_prompt_logprobs(model, prompt[rows], prompt_mask[rows],
+                                                      torch.arange(len(target[rows]), device=device), target[rows],
+                                                      target_mask[rows], 1.0, cfg["grpo"]["logprob_chunk"])
         loss = -(logprobs * target_mask[rows]).sum() / tokens
         loss.backward()
         loss_sum += loss.item()

@@ -10,6 +10,7 @@ examples/clarify/task.py is a second one, written to be copied.
     demonstration(sample)         an expert's answer: the warm start's target, a guide in each GRPO
                                   group and the "expert" reference row (optional)
     constant_candidates(samples)  answers that read nothing, for the "constant" reference row (optional)
+    stratum(sample)               the kind of prompt, which train.balanced draws evenly (optional)
 """
 
 import judge
@@ -29,6 +30,11 @@ def make_reward(cfg):
 def demonstration(sample):
     """The pharmacist's next turn verbatim, or <stop /> where they stopped (None where the log lacks it)."""
     return sample.get("expert_turn")
+
+
+def stratum(sample):
+    """The expert's decision: stop and continue prompts, drawn evenly under train.balanced."""
+    return sample["decision_truth"]
 
 
 CURVES = [  # (panel title, metrics.jsonl keys)

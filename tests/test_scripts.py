@@ -1,5 +1,5 @@
 """scripts/sweep.py's table and resumption, scripts/answers.py's fixed choice of prompts, and
-scripts/judge_check.py's regrading of a run's logs."""
+scripts/judge_check.py's regrading of a run's logs, scripts/rule_baseline.py's rule."""
 
 import json
 import subprocess
@@ -10,6 +10,7 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT / "scripts"))
 import answers  # noqa: E402
 import judge_check  # noqa: E402
+import rule_baseline  # noqa: E402
 import sweep  # noqa: E402
 
 
@@ -107,3 +108,16 @@ def test_judge_check_regrades_a_runs_logs(tmp_path):
                          capture_output=True, text=True, check=True).stdout
     assert "1 of 3 logged rewards differ" in out and "1 logged answers hold <stop />" in out
     assert "1 of 2 continue answers graded content 1" in out and "How long have you had it?" in out
+
+
+def test_rule_baseline_asks_the_first_field_not_yet_asked_and_stops_after_n_or_the_allergy_check():
+    def sample(*asked):
+        return {"messages": [{"role": "user", "content": "I have a cough."}]
+                + [m for q in asked for m in ({"role": "assistant", "content": q}, {"role": "user", "content": "Yes."})]}
+    order = ("trigger", "duration", "severity")
+    assert rule_baseline.answer(sample(), order, 3) == "What makes it worse?"
+    assert rule_baseline.answer(sample("Does it get worse at night?"), order, 3) == "How long have you had it?"
+    assert rule_baseline.answer(sample("What sets it off?", "How long has it been going on?"), order, 3) == \
+        "How bad is it?"
+    assert rule_baseline.answer(sample("Where is it?", "Is it a dry cough?", "Any fever?"), order, 3) == "<stop />"
+    assert rule_baseline.answer(sample("Any drug allergies, or medicines you take?"), order, 3) == "<stop />"

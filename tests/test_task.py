@@ -9,8 +9,9 @@ import sys
 
 import pytest
 
+import fsdp
 import l2a
-from config import BadInput
+from config import BadInput, load_config
 from conftest import ROOT
 from evaluation import numeric_fields
 
@@ -53,6 +54,21 @@ def test_a_task_is_a_module_or_a_file_and_a_broken_one_is_one_line(tmp_path):
         l2a.load_task("no_such_task")
     with pytest.raises(BadInput, match="missing.py"):
         l2a.load_task(str(tmp_path / "missing.py"))
+
+
+def test_settings_that_need_a_name_the_task_lacks_stop_at_start(tmp_path):
+    fsdp.setup_distributed()  # a one-process group, as plain `python l2a.py` gets
+    bare = tmp_path / "bare.py"
+    bare.write_text("def load_samples(path):\n    return []\nmessages = make_reward = print\n")
+    task = l2a.load_task(str(bare))
+    l2a.check_settings(load_config(ROOT / "config.toml", ["sft.steps=0", "grpo.expert_in_group=false",
+                                                         "train.balanced=false"]), task)  # needs nothing more
+    for setting, missing in (("train.balanced=true", "stratum"), ("sft.steps=2", "demonstrations"),
+                             ("grpo.expert_in_group=true", "demonstrations")):
+        cfg = load_config(ROOT / "config.toml", ["sft.steps=0", "grpo.expert_in_group=false",
+                                                 "train.balanced=false", setting])
+        with pytest.raises(BadInput, match=missing):
+            l2a.check_settings(cfg, task)
 
 
 def l2a_cli(*args):

@@ -17,6 +17,7 @@ import evaluation
 import fsdp
 import grpo
 import l2a
+import learn_to_ask
 import preprocess
 from config import DEFAULTS, BadInput, load_config
 from conftest import ROOT, free_port, metric_lines, tiny_llama
@@ -137,9 +138,20 @@ def test_a_bad_data_line_exits_non_zero_with_one_line(tiny_model_dir, tmp_path):
 
 
 def test_step_prompts_are_a_function_of_the_step():
-    steps = [l2a.step_indices(10, s, 4, seed=3) for s in range(5)]
+    every = [list(range(10))]
+    steps = [l2a.step_indices(every, s, 4, seed=3) for s in range(5)]
     assert sorted(steps[0] + steps[1] + steps[2][:2]) == list(range(10)), "each epoch visits every prompt once"
-    assert steps[3] == l2a.step_indices(10, 3, 4, seed=3) and steps != [l2a.step_indices(10, s, 4, 4) for s in range(5)]
+    assert steps[3] == l2a.step_indices(every, 3, 4, seed=3) and steps != [l2a.step_indices(every, s, 4, 4) for s in range(5)]
+
+
+def test_balanced_steps_draw_each_stratum_in_turn_and_visit_all_of_it():
+    samples = [{"decision_truth": "stop" if i in (2, 7) else "continue"} for i in range(10)]
+    strata = l2a.grpo_strata(learn_to_ask, samples, balanced=True)
+    assert strata == [[0, 1, 3, 4, 5, 6, 8, 9], [2, 7]]
+    steps = [l2a.step_indices(strata, s, 2, seed=3) for s in range(8)]
+    assert all(a in strata[0] and b in strata[1] for a, b in steps), steps  # one of each kind in every step
+    assert sorted(a for a, _ in steps) == strata[0], "each pass over a stratum visits every prompt once"
+    assert l2a.grpo_strata(learn_to_ask, samples, balanced=False) == [list(range(10))]
 
 
 # ----------------------------------------------------------------------------- training
@@ -469,7 +481,7 @@ def test_warm_start_loss_and_gradient_equal_a_naive_cross_entropy(tiny_model_dir
                                torch.device("cpu"))
 
     naive = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    order = l2a.step_indices(3, 0, 3, cfg["train"]["seed"])
+    order = l2a.step_indices([list(range(3))], 0, 3, cfg["train"]["seed"])
     total, count = 0.0, 0
     for i in order:  # one row at a time, no padding anywhere
         target = tokenizer(samples[i]["expert_turn"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
