@@ -248,8 +248,8 @@ def start(cfg, task, device, resume):
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = load_model(model_path, cfg, device)
     reference = load_model(base_path, cfg, device, trainable=False) if cfg["grpo"]["kl_coef"] > 0 else None
-    # Fused: one kernel for all parameters. The default (foreach) took 0.57 s per step on the 135M default on
-    # 2 cores, fused 0.09 s (docs/performance.md); CUDA has the same kernel.
+    # Fused: one kernel over all parameters; on the 135M default (2 cores) a step takes 0.08 s against the
+    # default foreach's 0.31 s (benchmarks/warm_start.py). CUDA has the same kernel.
     optimizer = torch.optim.AdamW(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"], fused=True)
     state = load_trainer_state(checkpoint, optimizer, model) if checkpoint else {"step": 0}
     train_set = load_split(cfg, task, "train_file", train_raw, tokenizer)
@@ -452,7 +452,7 @@ def warm_start_step(model, optimizer, tokenizer, samples, prompt_ids, demos, cfg
     for b in range(0, len(indices), t["micro_batch_size"]):
         rows = slice(b, b + t["micro_batch_size"])
         # Packed, each prompt then its answer with no padding: the prompts differ in length (118 to 340 tokens
-        # in the demo), and padding a batch of 8 to its longest spent a third of the step (docs/performance.md).
+        # in the demo), and a padded batch of 8 spends ~30% of its tokens on padding (benchmarks/warm_start.py).
         with grpo.recomputed_layers(model) if cfg["model"]["gradient_checkpointing"] else nullcontext():
             logprobs, _ = grpo.packed_prompt_logprobs(model, prompt[rows], prompt_mask[rows],
                                                       torch.arange(len(target[rows]), device=device), target[rows],
