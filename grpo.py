@@ -392,8 +392,9 @@ def packed_attention(module, query, key, value, attention_mask, scaling, dropout
     """Attention over one packed row ([1, heads, length, dim]): each segment's queries attend causally to
     its own keys, aligned at the end, so a segment with fewer queries than keys continues what they hold
     (a completion after its prompt). FlashAttention's variable-length kernel where it runs (CUDA with
-    flash-attn installed); elsewhere one SDPA call per segment, which on a CPU is slower than the padded
-    batch and is there so that the packed path is tested against the padded one anywhere."""
+    flash-attn installed); elsewhere one SDPA call per segment. On a CPU that is slower than the padded
+    batch for a group's many short answers, and faster for prompts of unequal lengths (the warm start's:
+    benchmarks/warm_start.py); everywhere it lets the packed path be tested against the padded one."""
     # Plain causal attention only: ignoring a window (Mistral, Qwen2, Gemma2), a soft cap (Gemma2), sinks
     # (gpt-oss) or dropout would give such a model wrong log-probs without a word. None means not used.
     asked = [name for name in ("sliding_window", "softcap", "s_aux") if kwargs.get(name) is not None]
