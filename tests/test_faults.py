@@ -184,7 +184,10 @@ def test_torchrun_kills_workers_whose_step_outlasts_its_shutdown_timeout(tiny_mo
         run = subprocess.Popen(launcher + (["--resume"] if stops_cleanly else []), stdout=open(log, "w"),
                                stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
         first = logged_steps(out)[-1] if stops_cleanly else 0
-        wait_for(lambda: first + 1 in logged_steps(out), run)
+        # Once step first + 1 is saved, every rank has already decided not to stop after it (the decision
+        # comes before the save), so the signal lands in the next step, slowed by its reward to over 1 s.
+        # Sent on the log line alone, it could beat a rank to that decision: a clean stop within 1 s.
+        wait_for(lambda: (out / "checkpoints" / f"step_{first + 1}").exists(), run)
         os.killpg(run.pid, signal.SIGTERM)  # as a scheduler does: every process, so each worker hears it twice
         code = run.wait(timeout=180)
         last = logged_steps(out)[-1]
