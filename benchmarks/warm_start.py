@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import fsdp  # noqa: E402
 import grpo  # noqa: E402
-import preprocess  # noqa: E402
+import l2a  # noqa: E402
+import learn_to_ask  # noqa: E402
 from config import load_config  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
@@ -38,15 +39,11 @@ def main():
     cfg = load_config(ROOT / "config.toml")
     path = fsdp.resolve_model_path(cfg["model"]["path"])
     tokenizer, model = AutoTokenizer.from_pretrained(path), fsdp.load_model(path, cfg, torch.device("cpu"))
-    samples = random.Random(0).sample(preprocess.load_samples(ROOT / cfg["data"]["train_file"]), 8)
-    prompts = [tokenizer.apply_chat_template(preprocess.policy_messages(s), add_generation_prompt=True,
-                                             tokenize=True, return_dict=True)["input_ids"] for s in samples]
-    answers = [tokenizer(s["expert_turn"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-               for s in samples]
-    prompt, prompt_mask = grpo.left_pad(prompts, tokenizer.pad_token_id)
-    width = max(map(len, answers))
-    answer = torch.tensor([a + [tokenizer.pad_token_id] * (width - len(a)) for a in answers])
-    answer_mask = (torch.arange(width) < torch.tensor(list(map(len, answers)))[:, None]).long()
+    samples = random.Random(0).sample(learn_to_ask.load_samples(ROOT / cfg["data"]["train_file"]), 8)
+    _, prompts, _ = l2a.encode_prompts(samples, learn_to_ask.messages, tokenizer, cfg["data"]["max_prompt_tokens"])
+    prompt, prompt_mask, answer, answer_mask = l2a.demonstration_batch(
+        tokenizer, prompts, [learn_to_ask.demonstration(s) for s in samples], cfg["grpo"]["max_new_tokens"])
+    width = answer.size(1)
 
     def padded():
         logprobs, _ = grpo.token_logprobs(model, torch.cat([prompt, answer], 1), torch.cat([prompt_mask, answer_mask], 1),

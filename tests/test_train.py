@@ -180,15 +180,21 @@ def test_mean_reward_rises_on_a_learnable_toy_reward(tiny_model_dir, tmp_path):
 
 
 def test_two_ranks_train_exactly_like_one(tiny_model_dir, tmp_path):
-    """Same seeds, same rollouts; the global token-mean loss and summed gradients make the update identical."""
+    """Same seeds, same rollouts; the global token-mean loss and summed gradients make the update identical.
+    Balanced prompts: each step of 4 has 2 stop and 2 continue prompts, however the ranks split them."""
     outs = {}
     for nproc in (1, 2):
         outs[nproc] = tmp_path / f"n{nproc}"
         # different micro-batching, and activation recomputation on one side only: the update must not care
-        config = write_config(tmp_path / f"c{nproc}.toml", tiny_model_dir, outs[nproc],
-                              grpo={"inner_updates": 2}, train={"micro_batch_size": 5 if nproc == 1 else 3},
+        config = write_config(tmp_path / f"c{nproc}.toml", tiny_model_dir, outs[nproc], grpo={"inner_updates": 2},
+                              train={"micro_batch_size": 5 if nproc == 1 else 3, "balanced": True},
                               model={"gradient_checkpointing": nproc == 2})
         run(config, nproc)
+    decision = {s["cid"]: s["decision_truth"] for s in preprocess.load_samples(ROOT / "data/demo/train.jsonl")}
+    for out in outs.values():
+        steps = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+        for step in (1, 2):
+            assert sorted(decision[s["cid"]] for s in steps if s["step"] == step) == ["continue"] * 2 + ["stop"] * 2
     one, two = metrics(outs[1]), metrics(outs[2])
     for a, b in zip(one, two):
         assert a["reward_mean"] == b["reward_mean"] and abs(a["loss"] - b["loss"]) < 1e-5

@@ -36,7 +36,8 @@ def slowly(samples, responses):
 def toy_task(reward=vowel_share):
     """A task as l2a.load_task returns one: the demo's samples and prompts, this reward, the defaults."""
     return SimpleNamespace(**{**l2a.OPTIONAL, "load_samples": preprocess.load_samples,
-                              "messages": preprocess.policy_messages, "make_reward": lambda cfg: reward})
+                              "messages": preprocess.policy_messages, "make_reward": lambda cfg: reward,
+                              "stratum": lambda sample: sample["decision_truth"]})
 
 
 if __name__ == "__main__":
