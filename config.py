@@ -47,6 +47,7 @@ DEFAULTS = {
         "temperature": 1.0,
         "top_p": 1.0,
         "top_k": 0,
+        "repetition_penalty": 1.0,  # > 1: the evaluation's penalty, also in training (shapes draws only)
         "stop_strings": [],
         "inner_updates": 1,  # mu: optimizer steps on each batch of rollouts
         "clip_low": 0.2,

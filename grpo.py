@@ -132,8 +132,9 @@ def sample(model, prompts, group_size, max_new_tokens, eos_token_ids, pad_token_
     temperature 0 is greedy decoding (log-probs then come from the temperature-1 distribution).
     A row stops at an EOS token or once its text contains a stop string (needs `tokenizer`); finished rows
     are dropped from the batch and the cache, so they cost nothing while the others go on.
-    repetition_penalty (evaluation only: the trainer's log-probs do not apply it) divides positive and
-    multiplies negative logits of every token already in the row, prompt included, as in Transformers.
+    repetition_penalty divides positive and multiplies negative logits of every token already in the row,
+    prompt included, as in Transformers. Like top-k and top-p it shapes only what is drawn: the reported
+    log-probs, like the trainer's, are of the tempered, unpenalised policy (see shape_logits).
     """
     device = model.get_input_embeddings().weight.device
     n_rows = len(prompts) * group_size
@@ -154,10 +155,11 @@ def sample(model, prompts, group_size, max_new_tokens, eos_token_ids, pad_token_
     if repetition_penalty != 1.0:  # seen[r, v]: token v is already in row r
         seen = _prompt_tokens(prompt_ids, prompt_mask, logits.size(-1)).repeat_interleave(group_size, 0)
     for t in range(max_new_tokens):
+        drawn = logits
         if repetition_penalty != 1.0:
             penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
-            logits = torch.where(seen[alive], penalised, logits)
-        token = _draw_tokens(logits, temperature, top_k, top_p, generators, alive)
+            drawn = torch.where(seen[alive], penalised, logits)
+        token = _draw_tokens(drawn, temperature, top_k, top_p, generators, alive)
         completion_ids[alive, t] = token
         if repetition_penalty != 1.0:
             seen[alive, token] = True

@@ -145,7 +145,7 @@ def rollout(model, tokenizer, prompt_ids, sampling, seeds, group_size):
         model.eval()
         result = grpo.sample(model, prompt_ids, group_size, sampling["max_new_tokens"], eos_ids(tokenizer),
                              tokenizer.pad_token_id, sampling["temperature"], sampling["top_k"], sampling["top_p"],
-                             sampling["stop_strings"], tokenizer, seeds, sampling.get("repetition_penalty", 1.0))
+                             sampling["stop_strings"], tokenizer, seeds, sampling["repetition_penalty"])
         model.train()
     responses = [tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
                  for ids, mask in zip(result.completion_ids, result.completion_mask)]

@@ -57,11 +57,14 @@ def test_left_padding_does_not_change_a_prompt(model):
 
 
 def test_sampler_logprobs_equal_trainer_logprobs():
-    """Both sides score the tempered, untruncated policy, whatever truncation the sampler drew with."""
+    """Both sides score the tempered, untruncated, unpenalised policy, whatever truncation and repetition
+    penalty the sampler drew with."""
     model = tiny_llama(seed=3)
-    for temperature, top_k, top_p in [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 20, 0.9)]:
+    for temperature, top_k, top_p, penalty in [(1.0, 0, 1.0, 1.0), (0.7, 0, 1.0, 1.0), (1.3, 20, 0.9, 1.0),
+                                               (1.0, 0, 0.95, 3.0)]:
         rollout = grpo.sample(model, PROMPTS, group_size=4, max_new_tokens=16, eos_token_ids=[2], pad_token_id=2,
-                              temperature=temperature, top_k=top_k, top_p=top_p, seeds=list(range(12)))
+                              temperature=temperature, top_k=top_k, top_p=top_p, seeds=list(range(12)),
+                              repetition_penalty=penalty)
         ids, mask = full_rows(rollout)
         logps, entropy = grpo.token_logprobs(model, ids, mask, rollout.completion_ids.size(1), temperature,
                                              chunk_tokens=7)
