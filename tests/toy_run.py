@@ -15,6 +15,7 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import checkpoint  # noqa: E402
 import l2a  # noqa: E402
+import learn_to_ask  # noqa: E402
 import preprocess  # noqa: E402
 from config import load_config  # noqa: E402
 
@@ -37,7 +38,7 @@ def toy_task(reward=vowel_share):
     """A task as l2a.load_task returns one: the demo's samples and prompts, this reward, the defaults."""
     return SimpleNamespace(**{**l2a.OPTIONAL, "load_samples": preprocess.load_samples,
                               "messages": preprocess.policy_messages, "make_reward": lambda cfg: reward,
-                              "stratum": lambda sample: sample["decision_truth"]})
+                              "stratum": learn_to_ask.stratum})
 
 
 if __name__ == "__main__":
