@@ -37,7 +37,7 @@ DEFAULTS = {
         "save_minutes": 10.0,  # a crash loses at most this much training (0: save after every step)
         "keep_checkpoints": 2,  # the newest complete checkpoints kept; older ones are deleted
         "max_nonfinite_steps": 3,  # this many skipped non-finite updates in a row stop the run
-        "balanced": False,  # GRPO draws prompts evenly from the task's strata (l2a.grpo_strata)
+        "strata": {},  # {stratum: prompts per turn}: GRPO draws its prompts from the task's strata (l2a.grpo_strata)
         "max_missing_fraction": 0.2,  # stop the run when more rewards than this share are missing...
         "missing_window": 10,  # ...over this many recent steps
     },

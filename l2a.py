@@ -111,27 +111,39 @@ def epoch_order(n, seed, epoch):
 def step_indices(strata, step, per_step, seed):
     """The training prompts of a step, drawn from `strata` (lists of sample indices; one list: no strata)
     in turn, each with a seeded reshuffle per pass through it: a function of the step alone, so a resumed
-    run and a run on another number of ranks see the same prompts."""
+    run and a run on another number of ranks see the same prompts. A list that appears w times in `strata`
+    is drawn w times per turn (grpo_strata's weights)."""
     picks = []
     for i in range(step * per_step, (step + 1) * per_step):
-        nth, k = divmod(i, len(strata))
-        pool = strata[k]
+        turn, slot = divmod(i, len(strata))
+        pool = strata[slot]
+        same = [j for j, other in enumerate(strata) if other is pool]
+        nth, k = turn * len(same) + same.index(slot), same[0]
         # stratum 0's reshuffles are the unstratified order's, so one stratum changes nothing
         picks.append(pool[epoch_order(len(pool), seed + 7919 * k, nth // len(pool))[nth % len(pool)]])
     return picks
 
 
-def grpo_strata(task, samples, balanced):
-    """GRPO's prompt strata: the samples grouped by the task's stratum(sample) under train.balanced, so that
-    each step draws its prompts evenly from them. Why (Learn-to-Ask: the expert's decision): where one
-    kind of prompt is rare (stops are 28% of the demo's), a run of steps without it trains the decision
-    one way only, and the policy unlearns the rare one; evenly drawn, every step compares both."""
-    if not balanced:
+def grpo_strata(task, samples, weights):
+    """GRPO's prompt strata: the samples grouped by the task's stratum(sample), each group listed as often
+    as train.strata weighs it (sorted by key), so that step_indices draws w of its prompts per turn; no
+    weights: one list of all samples. Why (Learn-to-Ask: the expert's decision): where one kind of prompt
+    is rare (stops are 28% of the demo's), a run of steps without it trains the decision one way only, and
+    the policy unlearns the rare one. But the mix drawn is also the prior the policy learns: where it
+    cannot tell, the answer that wins is the one that wins on the training mix, so an even mix of stops
+    and continues teaches it to stop more often than the experts do."""
+    if not weights:
         return [list(range(len(samples)))]
-    groups = {}
+    groups = {key: [] for key in weights}
     for i, sample in enumerate(samples):
-        groups.setdefault(task.stratum(sample), []).append(i)
-    return [groups[key] for key in sorted(groups, key=str)]
+        key = task.stratum(sample)
+        if key not in groups:
+            raise BadInput(f"train.strata weighs {sorted(weights)}, and the task's stratum(sample) also gives "
+                           f"{key!r}: give every stratum a weight")
+        groups[key].append(i)
+    if empty := [key for key, group in groups.items() if not group]:
+        raise BadInput(f"train.strata weighs {empty}, and no training sample has that stratum")
+    return [groups[key] for key in sorted(groups, key=str) for _ in range(weights[key])]
 
 
 # ----------------------------------------------------------------------------- rollouts
@@ -236,9 +248,11 @@ def check_settings(cfg, task):
     if (s["steps"] or g["expert_in_group"]) and task.demonstration is None:
         raise BadInput("sft.steps and grpo.expert_in_group learn from the task's demonstrations (an expert's "
                        "answers), and this task has none")
-    if t["balanced"] and task.stratum is None:
-        raise BadInput("train.balanced draws GRPO's prompts evenly from the task's strata, and this task defines "
-                       "no stratum(sample)")
+    if not all(type(w) is int and w > 0 for w in t["strata"].values()):
+        raise BadInput(f"train.strata = {t['strata']}: each weight is a whole number of prompts per turn, at least 1")
+    if t["strata"] and task.stratum is None:
+        raise BadInput("train.strata draws GRPO's prompts from the task's strata, and this task defines no "
+                       "stratum(sample)")
     if g["group_size"] < 2:  # no group would have two rewards to compare: every step would train nothing
         raise BadInput(f"grpo.group_size = {g['group_size']}: GRPO learns by comparing the answers to one "
                        f"prompt, so a group needs at least 2")
@@ -270,7 +284,7 @@ def start(cfg, task, device, resume):
                        f"for every training sample (the expert's turn, which preprocess.py writes), and "
                        f"{demos.count(None)} lack one")
     references = reference_evaluations(task, train_set[0], test_set[0], reward_fn, cfg["eval"]["constant_prompts"])
-    strata = grpo_strata(task, train_set[0], t["balanced"])
+    strata = grpo_strata(task, train_set[0], t["strata"])
     run = Run(cfg, task, reward_fn, device, out_dir, tokenizer, model, reference, optimizer, train_set, test_set,
               demos, strata, references, state["step"], state.get("nonfinite_streak", 0),
               deque(state.get("recent_missing", []), maxlen=t["missing_window"]), state["step"], time.monotonic())

@@ -10,7 +10,7 @@ examples/clarify/task.py is a second one, written to be copied.
     demonstration(sample)         an expert's answer: the warm start's target, a guide in each GRPO
                                   group and the "expert" reference row (optional)
     constant_candidates(samples)  answers that read nothing, for the "constant" reference row (optional)
-    stratum(sample)               the kind of prompt, which train.balanced draws evenly (optional)
+    stratum(sample)               the kind of prompt, which train.strata weighs (optional)
 """
 
 import judge
@@ -33,7 +33,7 @@ def demonstration(sample):
 
 
 def stratum(sample):
-    """The expert's decision: stop and continue prompts, drawn evenly under train.balanced."""
+    """The expert's decision: stop and continue prompts, weighed in GRPO's draws by train.strata."""
     return sample["decision_truth"]
 
 

@@ -62,11 +62,11 @@ def test_settings_that_need_a_name_the_task_lacks_stop_at_start(tmp_path):
     bare.write_text("def load_samples(path):\n    return []\nmessages = make_reward = print\n")
     task = l2a.load_task(str(bare))
     l2a.check_settings(load_config(ROOT / "config.toml", ["sft.steps=0", "grpo.expert_in_group=false",
-                                                         "train.balanced=false"]), task)  # needs nothing more
-    for setting, missing in (("train.balanced=true", "stratum"), ("sft.steps=2", "demonstrations"),
-                             ("grpo.expert_in_group=true", "demonstrations")):
+                                                         "train.strata={}"]), task)  # needs nothing more
+    for setting, missing in (("train.strata={stop=1}", "stratum"), ("train.strata={stop=0}", "at least 1"),
+                             ("sft.steps=2", "demonstrations"), ("grpo.expert_in_group=true", "demonstrations")):
         cfg = load_config(ROOT / "config.toml", ["sft.steps=0", "grpo.expert_in_group=false",
-                                                 "train.balanced=false", setting])
+                                                 "train.strata={}", setting])
         with pytest.raises(BadInput, match=missing):
             l2a.check_settings(cfg, task)
 

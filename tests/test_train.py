@@ -35,9 +35,15 @@ def write_config(path, model_dir, out_dir, **sections):
            "eval": {"prompts": 4, "samples": 2, "max_new_tokens": 12}}
     for section, values in sections.items():
         cfg.setdefault(section, {}).update(values)
-    path.write_text("\n".join(f"[{s}]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in vals.items())
+    path.write_text("\n".join(f"[{s}]\n" + "\n".join(f"{k} = {toml_value(v)}" for k, v in vals.items())
                               for s, vals in cfg.items()))
     return path
+
+
+def toml_value(v):
+    if isinstance(v, dict):  # an inline table: {"stop": 1} is JSON, not TOML
+        return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(x)}" for k, x in v.items()) + "}"
+    return json.dumps(v)
 
 
 def run(config, nproc=1, *args):
@@ -144,14 +150,24 @@ def test_step_prompts_are_a_function_of_the_step():
     assert steps[3] == l2a.step_indices(every, 3, 4, seed=3) and steps != [l2a.step_indices(every, s, 4, 4) for s in range(5)]
 
 
-def test_balanced_steps_draw_each_stratum_in_turn_and_visit_all_of_it():
+def test_strata_are_drawn_by_weight_in_turn_and_each_visited_whole():
     samples = [{"decision_truth": "stop" if i in (2, 7) else "continue"} for i in range(10)]
-    strata = l2a.grpo_strata(learn_to_ask, samples, balanced=True)
-    assert strata == [[0, 1, 3, 4, 5, 6, 8, 9], [2, 7]]
-    steps = [l2a.step_indices(strata, s, 2, seed=3) for s in range(8)]
-    assert all(a in strata[0] and b in strata[1] for a, b in steps), steps  # one of each kind in every step
-    assert sorted(a for a, _ in steps) == strata[0], "each pass over a stratum visits every prompt once"
-    assert l2a.grpo_strata(learn_to_ask, samples, balanced=False) == [list(range(10))]
+    go_on = [0, 1, 3, 4, 5, 6, 8, 9]
+    assert l2a.grpo_strata(learn_to_ask, samples, {}) == [list(range(10))]
+    even = l2a.grpo_strata(learn_to_ask, samples, {"continue": 1, "stop": 1})
+    assert even == [go_on, [2, 7]]
+    steps = [l2a.step_indices(even, s, 2, seed=3) for s in range(8)]
+    assert all(a in go_on and b in (2, 7) for a, b in steps), steps  # one of each kind in every step
+    assert sorted(a for a, _ in steps) == go_on, "each pass over a stratum visits every prompt once"
+    two_to_one = l2a.grpo_strata(learn_to_ask, samples, {"continue": 2, "stop": 1})
+    drawn = [i for s in range(8) for i in l2a.step_indices(two_to_one, s, 3, seed=3)]
+    assert all(sum(i in (2, 7) for i in drawn[t:t + 3]) == 1 for t in range(0, 24, 3)), drawn  # 2 to 1 in each turn
+    asked = [i for i in drawn if i not in (2, 7)]
+    assert sorted(asked[:8]) == sorted(asked[8:]) == go_on, "two passes, each visiting every prompt once"
+    assert drawn == [i for s in range(4) for i in l2a.step_indices(two_to_one, s, 6, seed=3)], "steps cut one order"
+    for weights, says in (({"continue": 1}, "'stop'"), ({"continue": 1, "stop": 1, "maybe": 1}, "maybe")):
+        with pytest.raises(BadInput, match=says):
+            l2a.grpo_strata(learn_to_ask, samples, weights)
 
 
 # ----------------------------------------------------------------------------- training
@@ -181,13 +197,13 @@ def test_mean_reward_rises_on_a_learnable_toy_reward(tiny_model_dir, tmp_path):
 
 def test_two_ranks_train_exactly_like_one(tiny_model_dir, tmp_path):
     """Same seeds, same rollouts; the global token-mean loss and summed gradients make the update identical.
-    Balanced prompts: each step of 4 has 2 stop and 2 continue prompts, however the ranks split them."""
+    Drawn by stratum, one to one: each step of 4 has 2 stop and 2 continue prompts, however the ranks split them."""
     outs = {}
     for nproc in (1, 2):
         outs[nproc] = tmp_path / f"n{nproc}"
         # different micro-batching, and activation recomputation on one side only: the update must not care
         config = write_config(tmp_path / f"c{nproc}.toml", tiny_model_dir, outs[nproc], grpo={"inner_updates": 2},
-                              train={"micro_batch_size": 5 if nproc == 1 else 3, "balanced": True},
+                              train={"micro_batch_size": 5 if nproc == 1 else 3, "strata": {"continue": 1, "stop": 1}},
                               model={"gradient_checkpointing": nproc == 2})
         run(config, nproc)
     decision = {s["cid"]: s["decision_truth"] for s in preprocess.load_samples(ROOT / "data/demo/train.jsonl")}
