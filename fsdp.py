@@ -4,8 +4,6 @@ rank, model paths (hub ids, folders, GGUF files), and the collectives by which r
 Every rank calls each function here at the same point of the run: most of them are collectives.
 """
 
-import ctypes
-import ctypes.util
 import importlib.util
 import json
 import math
@@ -271,15 +269,3 @@ def peak_memory_mib(device):
     return (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
 
-
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c"))
-
-
-def return_freed_memory():
-    """Give the heap's free pages back to the system, where the C library can (glibc's malloc_trim).
-    glibc keeps what a step frees for later, and steps whose tensors change size (packed batches,
-    answers of every length) leave it in pieces that later ones cannot all reuse. On the default run
-    (CPU) one call after every step lowers the peak resident memory from 7.8 to 6.0 GiB, at a cost in
-    time within the runs' noise (benchmarks/run_memory.py)."""
-    if hasattr(_LIBC, "malloc_trim"):
-        _LIBC.malloc_trim(0)

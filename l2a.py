@@ -38,7 +38,7 @@ from config import BadInput, load_config
 from evaluation import (comparison_table, evaluate, log_step, numeric_fields, plot_curves, progress_numbers,
                         reference_evaluations, write_evaluation)
 from fsdp import (any_rank, clipped_step, gathered, load_model, peak_memory_mib, resolve_model_path,
-                  return_freed_memory, setup_distributed)
+                  setup_distributed)
 
 
 # ----------------------------------------------------------------------------- the task and its data
@@ -321,7 +321,6 @@ def train_loop(run, signalled):
     try:
         for step in bar:
             metrics = one_step(run, step)
-            return_freed_memory()  # before an evaluation or a save, which would otherwise build on the leftovers
             run.done = step + 1
             run.streak = run.streak + 1 if "nonfinite" in metrics else 0
             if run.done in (warm, total) or (cfg["eval"]["every"] and run.done % cfg["eval"]["every"] == 0):

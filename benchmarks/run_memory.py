@@ -12,10 +12,10 @@
   its worst (the two longest training prompts, G answers of max_new_tokens tokens each, shared prompts,
   as l2a.update_policy scores them);
 - the run: config.toml cut after its warm start and --grpo-steps GRPO steps, in a child process, its peak
-  resident memory and wall time: as l2a runs it, which calls glibc's malloc_trim(0) after every step
-  (fsdp.return_freed_memory); without that call; and with it and MALLOC_MMAP_THRESHOLD_=1048576 as
-  well, which gives every tensor over 1 MiB its own mapping, returned to the system the moment it is
-  freed. The differences are memory that glibc holds after it was freed, and what giving it back costs.
+  resident memory and wall time: as l2a runs it; with glibc's malloc_trim(0) after every step, which
+  gives the heap's free pages back to the system; and with that and MALLOC_MMAP_THRESHOLD_=1048576 as
+  well, which gives every tensor over 1 MiB its own mapping, returned the moment it is freed. The
+  differences are memory that glibc holds after it was freed, and what giving it back costs.
 
 Measure alone: the runs' times are part of what is measured.
 """
@@ -105,19 +105,20 @@ def activations_gib(path, cfg, tokenizer):
             f"{sum(len(prompts[i]) for i in longest)} tokens, {rows} answers of {g['max_new_tokens']})": update}
 
 
-# l2a.py without its call of glibc's malloc_trim(0) after every step (fsdp.return_freed_memory)
-UNTRIMMED = f"""import sys
+# l2a.py with glibc's malloc_trim(0) after every step, before any evaluation or save builds on the leftovers
+TRIMMED = f"""import ctypes, sys
 sys.path.insert(0, {str(ROOT)!r})
 import l2a
-l2a.return_freed_memory = lambda: None
+step, libc = l2a.one_step, ctypes.CDLL("libc.so.6")
+l2a.one_step = lambda run, k: (step(run, k), libc.malloc_trim(0))[0]
 sys.exit(l2a.main(sys.argv[1:]))
 """
 
 
-def run_gib(grpo_steps, env, trim=True):
+def run_gib(grpo_steps, env, trim=False):
     """Peak resident GiB and seconds of config.toml cut after the warm start and grpo_steps GRPO steps."""
     with tempfile.TemporaryDirectory() as out:
-        entry = [str(ROOT / "l2a.py")] if trim else ["-c", UNTRIMMED]
+        entry = ["-c", TRIMMED] if trim else [str(ROOT / "l2a.py")]
         command = [sys.executable, *entry, "--config", str(ROOT / "config.toml")]
         for setting in (f"train.steps={grpo_steps}", "eval.prompts=2", "eval.constant_prompts=0",
                         f"train.output_dir={json.dumps(out)}"):
@@ -141,10 +142,10 @@ def main():
     parts = {"runtime: Python, torch, Transformers, l2a": resident_gib()}
     parts.update(state_gib(path, cfg))
     parts.update(activations_gib(path, cfg, AutoTokenizer.from_pretrained(path)))
-    runs = {"as l2a runs it (malloc_trim between steps)": run_gib(args.grpo_steps, {}),
-            "without malloc_trim": run_gib(args.grpo_steps, {}, trim=False),
-            "with malloc_trim and MALLOC_MMAP_THRESHOLD_=1048576": run_gib(args.grpo_steps,
-                                                                        {"MALLOC_MMAP_THRESHOLD_": "1048576"})}
+    runs = {"as l2a runs it": run_gib(args.grpo_steps, {}),
+            "with malloc_trim after every step": run_gib(args.grpo_steps, {}, trim=True),
+            "with malloc_trim and MALLOC_MMAP_THRESHOLD_=1048576": run_gib(
+                args.grpo_steps, {"MALLOC_MMAP_THRESHOLD_": "1048576"}, trim=True)}
     steps = f"{cfg['sft']['steps']} warm-start and {args.grpo_steps} GRPO steps"
     print("| part | GiB |\n|---|---|")
     for name, gib in parts.items():

@@ -143,22 +143,6 @@ def test_a_bad_data_line_exits_non_zero_with_one_line(tiny_model_dir, tmp_path):
     assert result.returncode == 1 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
 
 
-def resident_mib():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
-
-
-@pytest.mark.skipif(not hasattr(fsdp._LIBC, "malloc_trim"), reason="glibc only: elsewhere it does nothing")
-def test_memory_a_step_freed_goes_back_to_the_system():
-    blocks = [bytearray(64 * 1024) for _ in range(3000)]  # 187 MiB, each under glibc's mmap threshold: heap
-    last = bytearray(64 * 1024)  # allocated after them, so the heap cannot just shrink from its top
-    del blocks
-    freed = resident_mib()
-    fsdp.return_freed_memory()
-    assert freed - resident_mib() > 150, "glibc kept the freed blocks resident, and nothing gave them back"
-    del last
-
-
 def test_step_prompts_are_a_function_of_the_step():
     every = [list(range(10))]
     steps = [l2a.step_indices(every, s, 4, seed=3) for s in range(5)]
