@@ -283,8 +283,8 @@ def start(cfg, task, device, resume):
         raise BadInput(f"{cfg['data']['train_file']}: sft.steps and grpo.expert_in_group need a demonstration "
                        f"for every training sample (the expert's turn, which preprocess.py writes), and "
                        f"{demos.count(None)} lack one")
+    strata = grpo_strata(task, train_set[0], t["strata"])  # before the reference rows: a bad weight fails fast
     references = reference_evaluations(task, train_set[0], test_set[0], reward_fn, cfg["eval"]["constant_prompts"])
-    strata = grpo_strata(task, train_set[0], t["strata"])
     run = Run(cfg, task, reward_fn, device, out_dir, tokenizer, model, reference, optimizer, train_set, test_set,
               demos, strata, references, state["step"], state.get("nonfinite_streak", 0),
               deque(state.get("recent_missing", []), maxlen=t["missing_window"]), state["step"], time.monotonic())

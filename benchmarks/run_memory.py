@@ -58,8 +58,7 @@ def state_gib(path, cfg):
     moments = [t for state in optimizer.state.values() for t in state.values() if t.dim()]
     return {"float32 weights": sum(p.nbytes for p in params) / GIB,
             "float32 gradients": sum(p.grad.to_local().nbytes for p in model.parameters()) / GIB,
-            "AdamW moments (two, float32)": sum(t.to_local().nbytes if hasattr(t, "to_local") else t.nbytes
-                                                for t in moments) / GIB}
+            "AdamW moments (two, float32)": sum(t.to_local().nbytes for t in moments) / GIB}
 
 
 def kept_gib(model, forward):
@@ -87,7 +86,8 @@ def activations_gib(path, cfg, tokenizer):
                                                  torch.device("cpu")), attn_implementation="sdpa").train()
     steps = [l2a.step_indices([list(range(len(samples)))], k, s["prompts_per_step"], seed) for k in range(s["steps"])]
     answer = {i: len(l2a.answer_ids(tokenizer, demos[i], g["max_new_tokens"])) for i in range(len(samples))}
-    largest = max(steps, key=lambda rows: sum(len(prompts[i]) + answer[i] for i in rows))
+    tokens = {tuple(rows): sum(len(prompts[i]) + answer[i] for i in rows) for rows in steps}
+    largest = max(steps, key=lambda rows: tokens[tuple(rows)])
     prompt, prompt_mask, target, target_mask = l2a.demonstration_batch(
         tokenizer, [prompts[i] for i in largest], [demos[i] for i in largest], g["max_new_tokens"])
     warm = kept_gib(model, lambda: grpo.packed_prompt_logprobs(
@@ -99,8 +99,7 @@ def activations_gib(path, cfg, tokenizer):
     update = kept_gib(model, lambda: grpo.shared_prompt_logprobs(
         model, prompt, prompt_mask, torch.arange(rows) // g["group_size"], answers, torch.ones_like(answers),
         g["temperature"], g["logprob_chunk"]))
-    tokens = sum(len(prompts[i]) + answer[i] for i in largest)
-    return {f"activations: the largest warm-start batch ({len(largest)} samples, {tokens} tokens)": warm,
+    return {f"activations: the largest warm-start batch ({len(largest)} samples, {tokens[tuple(largest)]} tokens)": warm,
             f"activations: a GRPO micro-batch at its worst ({len(longest)} prompts of "
             f"{sum(len(prompts[i]) for i in longest)} tokens, {rows} answers of {g['max_new_tokens']})": update}
 
