@@ -1,7 +1,9 @@
 """A run's answers before and after training, side by side, for prompts chosen by a fixed rule (never
 by hand): the first rollout of the first N test prompts of each expert decision, in file order. Then,
 for every evaluation of the run, the counts that tell learning from a template: how many of the
-answers to continue prompts are distinct, their commonest opening, and how often <stop /> was said.
+answers to continue prompts are distinct, their commonest opening, and how often <stop /> was said;
+and how often it was said against how many questions the pharmacist had already asked, which shows
+whether a run stops by reading the consultation or by counting turns.
 
     python scripts/answers.py runs/demo            # N = 4 continue and 2 stop prompts
 """
@@ -45,6 +47,31 @@ def main():
           "prompts | on continue prompts |\n|---|---|---|---|---|")
     for folder in evals:
         print(counts(folder.name, rollouts(folder).values(), decision))
+    print()
+    print("\n".join(by_questions_asked({f.name: rollouts(f).values() for f in evals}, samples)))
+
+
+def asked(sample):
+    """How many of the pharmacist's turns so far hold a question."""
+    return sum(m["role"] == "assistant" and "?" in m["content"] for m in sample["messages"])
+
+
+def by_questions_asked(evaluations, samples):
+    """A table: per number of questions asked before the prompt, the prompts where the expert stopped and
+    went on, then for each evaluation (name -> rows) the <stop /> said on each kind."""
+    by_cid = {s["cid"]: s for s in samples}
+    tested = {r["cid"] for rows in evaluations.values() for r in rows}
+    kinds = Counter((asked(by_cid[c]), by_cid[c]["decision_truth"]) for c in tested)
+    said = {name: Counter((asked(by_cid[r["cid"]]), by_cid[r["cid"]]["decision_truth"], STOP in r["response"])
+                          for r in rows) for name, rows in evaluations.items()}
+    lines = ["| questions asked before | prompts: expert stopped / went on | "
+             + " | ".join(f"{name}: <stop /> said (expert stopped / went on)" for name in evaluations) + " |",
+             "|---|---|" + "---|" * len(evaluations)]
+    for k in sorted({k for k, _ in kinds}):
+        cells = [" / ".join(f"{said[name][(k, d, True)]} of {said[name][(k, d, True)] + said[name][(k, d, False)]}"
+                            for d in ("stop", "continue")) for name in evaluations]
+        lines.append(f"| {k} | {kinds[(k, 'stop')]} / {kinds[(k, 'continue')]} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def counts(name, rows, decision):

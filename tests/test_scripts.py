@@ -78,8 +78,9 @@ def test_answers_takes_the_first_prompts_of_each_decision_in_file_order(tmp_path
     assert [line.split(" | ")[1] for line in out[2:5]] == ["message 1", "message 2", "message 0"]
     assert out[2].endswith("| before c1 0 \\| x (**1.0**) | after c1 0 \\| x (**1.0**) |")
     # the counts of every evaluation: 3 continue prompts x 2 rollouts, all distinct; no <stop /> said
-    assert out[-2:] == ["| step_0 | 6 of 6 | 'before c1 0' (1) | 0 of 4 | 0 of 6 |",
-                        "| step_40 | 6 of 6 | 'after c1 0' (1) | 0 of 4 | 0 of 6 |"]
+    assert out[-6:-4] == ["| step_0 | 6 of 6 | 'before c1 0' (1) | 0 of 4 | 0 of 6 |",
+                          "| step_40 | 6 of 6 | 'after c1 0' (1) | 0 of 4 | 0 of 6 |"]
+    assert out[-1] == "| 0 | 2 / 3 | 0 of 4 / 0 of 6 | 0 of 4 / 0 of 6 |"  # no pharmacist turn before any prompt
 
 
 def test_answers_counts_a_template_and_the_stops():
@@ -88,6 +89,24 @@ def test_answers_counts_a_template_and_the_stops():
                                                    ("b", "How long does it last?"), ("c", "<stop />"),
                                                    ("c", "Take this.")]]
     assert answers.counts("step_9", rows, decision) == "| step_9 | 2 of 3 | 'How long have' (2) | 1 of 2 | 0 of 3 |"
+
+
+def test_answers_counts_stops_by_the_questions_asked_before():
+    """Turns holding a question are counted, the others not ("I see."); each evaluation's cell gives the
+    <stop /> said where the expert stopped, then where they went on."""
+    def sample(cid, decision, *turns):
+        return {"cid": cid, "decision_truth": decision,
+                "messages": [m for t in turns for m in ({"role": "assistant", "content": t}, {"role": "user", "content": "ok"})]}
+    samples = [sample("a", "continue"), sample("b", "continue", "Where is it?", "I see."),
+               sample("c", "stop", "I see.", "Where is it?"), sample("d", "continue", "How bad?", "Since when?"),
+               sample("e", "stop", "How bad?", "Since when?"), sample("unused", "stop")]
+    said = {"a": "How long?", "b": "<stop />", "c": "<stop />", "d": "<stop />", "e": "Any fever?"}
+    rows = [{"cid": c, "response": r} for c, r in said.items()] + [{"cid": "d", "response": "Where is it?"}]
+    assert [answers.asked(s) for s in samples] == [0, 1, 1, 2, 2, 0]
+    assert answers.by_questions_asked({"step_0": rows[:1], "step_9": rows}, samples)[2:] == [
+        "| 0 | 0 / 1 | 0 of 0 / 0 of 1 | 0 of 0 / 0 of 1 |",
+        "| 1 | 1 / 1 | 0 of 0 / 0 of 0 | 1 of 1 / 1 of 1 |",
+        "| 2 | 1 / 1 | 0 of 0 / 0 of 0 | 0 of 1 / 1 of 2 |"]
 
 
 def test_judge_check_regrades_a_runs_logs(tmp_path):
