@@ -45,7 +45,9 @@ def base_config(prompts, group, tokens, dtype, steps, out_dir):
     cfg = load_config(ROOT / "config.toml")
     cfg["model"].update(dtype=dtype, gradient_checkpointing=True)  # as TRL's GRPOConfig does by default
     cfg["train"].update(steps=steps, prompts_per_step=prompts, micro_batch_size=prompts * group, output_dir=out_dir)
-    cfg["grpo"].update(group_size=group, max_new_tokens=tokens, expert_in_group=False)  # plain GRPO, as TRL's
+    # plain GRPO, as TRL's: no guides, prompts drawn from all samples, sampling without top-p or penalty
+    cfg["grpo"].update(group_size=group, max_new_tokens=tokens, expert_in_group=False, top_p=1.0, repetition_penalty=1.0)
+    cfg["train"]["strata"] = {}
     cfg["sft"]["steps"] = 0
     cfg["eval"].update(prompts=1, samples=1, max_new_tokens=1, constant_prompts=0)  # evaluations cost ~nothing
     cfg["data"]["train_file"] = str(ROOT / cfg["data"]["train_file"])
@@ -80,6 +82,12 @@ def repeated_prompts(path, times, out):
     return str(target)
 
 
+def prompt_order(samples, steps, prompts):
+    """The training prompts of l2a's side (base_config: seed 0, no strata), step by step, for TRL's."""
+    import l2a
+    return [samples[i] for step in range(steps) for i in l2a.step_indices([list(range(len(samples)))], step, prompts, 0)]
+
+
 def child_trl(a):
     """TRL's GRPOTrainer on the same model, prompts, group size, completion cap, precision and rules reward."""
     import torch
@@ -88,13 +96,11 @@ def child_trl(a):
     from trl import GRPOConfig, GRPOTrainer
 
     import judge
-    import l2a
     import preprocess
     path = model_folder()
     samples = preprocess.load_samples(ROOT / "data/demo/train.jsonl")
-    order = [samples[i] for step in range(a.warmup + a.steps)  # l2a's prompts, step by step (seed 0 in both)
-             for i in l2a.step_indices(len(samples), step, a.prompts, 0)]
-    data = Dataset.from_list([{"prompt": preprocess.policy_messages(s), "sample": json.dumps(s)} for s in order])
+    data = Dataset.from_list([{"prompt": preprocess.policy_messages(s), "sample": json.dumps(s)}
+                              for s in prompt_order(samples, a.warmup + a.steps, a.prompts)])
     grade = judge.make_reward_fn(load_config(ROOT / "config.toml")["judge"])
 
     def rules_reward(prompts, completions, sample, **kwargs):

@@ -140,3 +140,19 @@ def test_rule_baseline_asks_the_first_field_not_yet_asked_and_stops_after_n_or_t
         "How bad is it?"
     assert rule_baseline.answer(sample("Where is it?", "Is it a dry cough?", "Any fever?"), order, 3) == "<stop />"
     assert rule_baseline.answer(sample("Any drug allergies, or medicines you take?"), order, 3) == "<stop />"
+
+
+def test_bench_gives_trl_the_prompts_and_sampling_that_l2a_trains_with():
+    """benchmarks/bench.py compares plain GRPO steps: TRL's side must get the prompts that l2a's side
+    draws under the bench's config, step by step, and l2a's side must sample as TRL's does."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench
+    import l2a
+    import learn_to_ask
+    import preprocess
+    cfg = bench.base_config(3, 4, 16, "float32", 4, "unused")
+    samples = preprocess.load_samples(ROOT / cfg["data"]["train_file"])
+    strata = l2a.grpo_strata(learn_to_ask, samples, cfg["train"]["strata"])
+    drawn = [samples[i] for step in range(4) for i in l2a.step_indices(strata, step, 3, cfg["train"]["seed"])]
+    assert bench.prompt_order(samples, 4, 3) == drawn
+    assert (cfg["grpo"]["top_p"], cfg["grpo"]["repetition_penalty"], cfg["grpo"]["expert_in_group"]) == (1.0, 1.0, False)
