@@ -2,8 +2,9 @@
 by hand): the first rollout of the first N test prompts of each expert decision, in file order. Then,
 for every evaluation of the run, the counts that tell learning from a template: how many of the
 answers to continue prompts are distinct, their commonest opening, and how often <stop /> was said;
-and how often it was said against how many questions the pharmacist had already asked, which shows
-whether a run stops by reading the consultation or by counting turns.
+and how often it was said against how many questions the pharmacist had already asked (beside how
+often the expert stopped there, in the training split), which shows whether a run stops by reading
+the consultation or by counting turns.
 
     python scripts/answers.py runs/demo            # N = 4 continue and 2 stop prompts
 """
@@ -31,9 +32,10 @@ def main():
     parser.add_argument("--stop", dest="n_stop", type=int, default=2)
     a = parser.parse_args()
     evals = sorted(Path(a.run_dir, "eval").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
-    before, after = rollouts(evals[0]), rollouts(evals[-1])
+    runs = {folder.name: rollouts(folder) for folder in evals}
+    before, after = runs[evals[0].name], runs[evals[-1].name]
     config = json.loads(Path(a.run_dir, "config.json").read_text())
-    samples = [json.loads(line) for line in open(config["data"]["test_file"])]
+    samples, train = ([json.loads(line) for line in open(config["data"][key])] for key in ("test_file", "train_file"))
     tested = {cid for cid, _ in before}
     chosen = [s for decision, n in (("continue", a.n_continue), ("stop", a.n_stop))
               for s in [s for s in samples if s["cid"] in tested and s["decision_truth"] == decision][:n]]
@@ -45,10 +47,10 @@ def main():
     decision = {s["cid"]: s["decision_truth"] for s in samples}
     print("\n| evaluation | distinct continue answers | commonest opening (first 3 words) | <stop /> said on stop "
           "prompts | on continue prompts |\n|---|---|---|---|---|")
-    for folder in evals:
-        print(counts(folder.name, rollouts(folder).values(), decision))
+    for name, rows in runs.items():
+        print(counts(name, rows.values(), decision))
     print()
-    print("\n".join(by_questions_asked({f.name: rollouts(f).values() for f in evals}, samples)))
+    print("\n".join(by_questions_asked({name: rows.values() for name, rows in runs.items()}, samples, train)))
 
 
 def asked(sample):
@@ -56,21 +58,22 @@ def asked(sample):
     return sum(m["role"] == "assistant" and "?" in m["content"] for m in sample["messages"])
 
 
-def by_questions_asked(evaluations, samples):
-    """A table: per number of questions asked before the prompt, the prompts where the expert stopped and
-    went on, then for each evaluation (name -> rows) the <stop /> said on each kind."""
-    by_cid = {s["cid"]: s for s in samples}
-    tested = {r["cid"] for rows in evaluations.values() for r in rows}
-    kinds = Counter((asked(by_cid[c]), by_cid[c]["decision_truth"]) for c in tested)
-    said = {name: Counter((asked(by_cid[r["cid"]]), by_cid[r["cid"]]["decision_truth"], STOP in r["response"])
-                          for r in rows) for name, rows in evaluations.items()}
-    lines = ["| questions asked before | prompts: expert stopped / went on | "
+def by_questions_asked(evaluations, samples, train):
+    """A table: per number of questions asked before the prompt, the training prompts where the expert
+    stopped and went on, the tested ones, then for each evaluation (name -> rows) the <stop /> said on
+    each kind."""
+    kind = {s["cid"]: (asked(s), s["decision_truth"]) for s in samples}
+    in_train = Counter((asked(s), s["decision_truth"]) for s in train)
+    tested = Counter(kind[c] for c in {r["cid"] for rows in evaluations.values() for r in rows})
+    said = {name: Counter((*kind[r["cid"]], STOP in r["response"]) for r in rows) for name, rows in evaluations.items()}
+    lines = ["| questions asked before | training prompts: expert stopped / went on | tested prompts: the same | "
              + " | ".join(f"{name}: <stop /> said (expert stopped / went on)" for name in evaluations) + " |",
-             "|---|---|" + "---|" * len(evaluations)]
-    for k in sorted({k for k, _ in kinds}):
-        cells = [" / ".join(f"{said[name][(k, d, True)]} of {said[name][(k, d, True)] + said[name][(k, d, False)]}"
-                            for d in ("stop", "continue")) for name in evaluations]
-        lines.append(f"| {k} | {kinds[(k, 'stop')]} / {kinds[(k, 'continue')]} | " + " | ".join(cells) + " |")
+             "|---|---|---|" + "---|" * len(evaluations)]
+    for k in sorted({k for k, _ in in_train + tested}):
+        cells = [" / ".join(f"{n[(k, d, True)]} of {n[(k, d, True)] + n[(k, d, False)]}" for d in ("stop", "continue"))
+                 for n in said.values()]
+        lines.append(f"| {k} | {in_train[(k, 'stop')]} / {in_train[(k, 'continue')]} | "
+                     f"{tested[(k, 'stop')]} / {tested[(k, 'continue')]} | " + " | ".join(cells) + " |")
     return lines
 
 

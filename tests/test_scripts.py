@@ -65,7 +65,7 @@ def test_answers_takes_the_first_prompts_of_each_decision_in_file_order(tmp_path
                for i, d in enumerate(["stop", "continue", "continue", "stop", "continue"])]
     test_file = tmp_path / "test.jsonl"
     test_file.write_text("".join(json.dumps(s) + "\n" for s in samples))
-    (tmp_path / "config.json").write_text(json.dumps({"data": {"test_file": str(test_file)}}))
+    (tmp_path / "config.json").write_text(json.dumps({"data": {"test_file": str(test_file), "train_file": str(test_file)}}))
     for step, text in ((0, "before"), (40, "after")):
         (tmp_path / "eval" / f"step_{step}").mkdir(parents=True)
         with open(tmp_path / "eval" / f"step_{step}" / "rollouts.jsonl", "w") as f:
@@ -80,7 +80,7 @@ def test_answers_takes_the_first_prompts_of_each_decision_in_file_order(tmp_path
     # the counts of every evaluation: 3 continue prompts x 2 rollouts, all distinct; no <stop /> said
     assert out[-6:-4] == ["| step_0 | 6 of 6 | 'before c1 0' (1) | 0 of 4 | 0 of 6 |",
                           "| step_40 | 6 of 6 | 'after c1 0' (1) | 0 of 4 | 0 of 6 |"]
-    assert out[-1] == "| 0 | 2 / 3 | 0 of 4 / 0 of 6 | 0 of 4 / 0 of 6 |"  # no pharmacist turn before any prompt
+    assert out[-1] == "| 0 | 2 / 3 | 2 / 3 | 0 of 4 / 0 of 6 | 0 of 4 / 0 of 6 |"  # no pharmacist turn before any prompt
 
 
 def test_answers_counts_a_template_and_the_stops():
@@ -103,10 +103,12 @@ def test_answers_counts_stops_by_the_questions_asked_before():
     said = {"a": "How long?", "b": "<stop />", "c": "<stop />", "d": "<stop />", "e": "Any fever?"}
     rows = [{"cid": c, "response": r} for c, r in said.items()] + [{"cid": "d", "response": "Where is it?"}]
     assert [answers.asked(s) for s in samples] == [0, 1, 1, 2, 2, 0]
-    assert answers.by_questions_asked({"step_0": rows[:1], "step_9": rows}, samples)[2:] == [
-        "| 0 | 0 / 1 | 0 of 0 / 0 of 1 | 0 of 0 / 0 of 1 |",
-        "| 1 | 1 / 1 | 0 of 0 / 0 of 0 | 1 of 1 / 1 of 1 |",
-        "| 2 | 1 / 1 | 0 of 0 / 0 of 0 | 0 of 1 / 1 of 2 |"]
+    train = [sample("t", "stop", "Any fever?", "How bad?", "Since when?")]  # a count no tested prompt has
+    assert answers.by_questions_asked({"step_0": rows[:1], "step_9": rows}, samples, train)[2:] == [
+        "| 0 | 0 / 0 | 0 / 1 | 0 of 0 / 0 of 1 | 0 of 0 / 0 of 1 |",
+        "| 1 | 0 / 0 | 1 / 1 | 0 of 0 / 0 of 0 | 1 of 1 / 1 of 1 |",
+        "| 2 | 0 / 0 | 1 / 1 | 0 of 0 / 0 of 0 | 0 of 1 / 1 of 2 |",
+        "| 3 | 1 / 0 | 0 / 0 | 0 of 0 / 0 of 0 | 0 of 0 / 0 of 0 |"]
 
 
 def test_judge_check_regrades_a_runs_logs(tmp_path):
