@@ -10,6 +10,7 @@ the consultation or by counting turns.
 """
 import argparse
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -32,6 +33,8 @@ def main():
     parser.add_argument("--stop", dest="n_stop", type=int, default=2)
     a = parser.parse_args()
     evals = sorted(Path(a.run_dir, "eval").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+    if not evals:
+        sys.exit(f"{a.run_dir} holds no evaluation (eval/step_N/); give a run's folder, e.g. runs/v4/default/seed0")
     runs = {folder.name: rollouts(folder) for folder in evals}
     before, after = runs[evals[0].name], runs[evals[-1].name]
     config = json.loads(Path(a.run_dir, "config.json").read_text())

@@ -83,6 +83,11 @@ def test_answers_takes_the_first_prompts_of_each_decision_in_file_order(tmp_path
     assert out[-1] == "| 0 | 2 / 3 | 2 / 3 | 0 of 4 / 0 of 6 | 0 of 4 / 0 of 6 |"  # no pharmacist turn before any prompt
 
 
+def test_answers_says_when_a_folder_holds_no_evaluation(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "scripts/answers.py"), str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 1 and "holds no evaluation" in out.stderr and "Traceback" not in out.stderr
+
+
 def test_answers_counts_a_template_and_the_stops():
     decision = {"a": "continue", "b": "continue", "c": "stop"}
     rows = [{"cid": c, "response": r} for c, r in [("a", "How long have you had it?"), ("a", " How long  have you had it? "),

@@ -295,6 +295,18 @@ def test_evaluation_with_fewer_prompts_than_ranks(tiny_model_dir, tmp_path):
     assert rollouts[1] == rollouts[2] and len(rollouts[1].splitlines()) == 2
 
 
+def test_a_larger_evaluation_holds_the_smaller_one(tiny_model_dir, tmp_path):
+    """eval.prompts = 16 answers its first 8 prompts as eval.prompts = 8 does (one batch of 8 each here), so an
+    evaluation of the whole test split also gives the default's 20-prompt numbers (docs/evaluation.md)."""
+    rows = {}
+    for n in (8, 16):
+        out = tmp_path / f"p{n}"
+        run(write_config(tmp_path / f"c{n}.toml", tiny_model_dir, out, train={"steps": 1}, eval={"prompts": n}))
+        rows[n] = (out / "eval/step_0/rollouts.jsonl").read_text().splitlines()
+    assert len(rows[16]) == 32 and rows[16][:16] == rows[8]
+    assert rows[16][16:] != rows[8]  # the other prompts' answers are not a copy of the first ones
+
+
 def test_evaluation_prompts_are_spread_evenly(monkeypatch):
     """20 prompts on 8 ranks: 2 or 3 each, every prompt once, in rank order (ceil-sized shares gave one rank 0)."""
     monkeypatch.setattr(l2a.dist, "get_world_size", lambda: 8)
