@@ -3,7 +3,7 @@ and the expert: it asks a generic question about the first field, in a fixed ord
 question so far has asked, and stops once `n` questions were asked or the last one checked allergies.
 The order and n are chosen on the training split, then scored on the test prompts the default evaluates.
 
-    python scripts/rule_baseline.py [--config config.toml]
+    python scripts/rule_baseline.py [--config config.toml] [--set eval.prompts=0 ...]
 """
 import argparse
 import itertools
@@ -37,7 +37,9 @@ def mean_reward(reward_fn, samples, order, n):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="config.toml")
-    cfg = load_config(parser.parse_args().config)
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="as l2a.py takes it")
+    args = parser.parse_args()
+    cfg = load_config(args.config, args.set)
     reward_fn = judge.make_reward_fn(cfg["judge"])
     train = preprocess.load_samples(cfg["data"]["train_file"])
     test = preprocess.load_samples(cfg["data"]["test_file"])[:cfg["eval"]["prompts"] or None]

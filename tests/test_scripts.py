@@ -88,6 +88,12 @@ def test_answers_says_when_a_folder_holds_no_evaluation(tmp_path):
     assert out.returncode == 1 and "holds no evaluation" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_rule_baseline_takes_set_overrides():
+    out = subprocess.run([sys.executable, str(ROOT / "scripts/rule_baseline.py"), "--set", "eval.prompts=3"],
+                         capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert "test (3 prompts)" in out
+
+
 def test_answers_counts_a_template_and_the_stops():
     decision = {"a": "continue", "b": "continue", "c": "stop"}
     rows = [{"cid": c, "response": r} for c, r in [("a", "How long have you had it?"), ("a", " How long  have you had it? "),
