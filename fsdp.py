@@ -107,8 +107,15 @@ def convert_gguf(gguf, folder):
 
 
 def compute_dtype(name, device):
+    """auto: bfloat16 where the hardware multiplies in it (a GPU that supports it, a CPU with AVX512-BF16 or
+    AMX), else float32. On a CPU without them torch emulates bf16 matmuls: 1.1 GFLOP/s against float32's
+    52 on a 2-core AVX2 EPYC, where they would turn a 10-minute run into hours."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        if device.type == "cuda":
+            native = torch.cuda.is_bf16_supported()
+        else:
+            native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return torch.bfloat16 if native else torch.float32
     return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
 
 

@@ -37,7 +37,7 @@ from checkpoint import (RunStopped, StopTraining, check_writable, keep_lines_up_
 from config import BadInput, load_config
 from evaluation import (comparison_table, evaluate, log_step, numeric_fields, plot_curves, progress_numbers,
                         reference_evaluations, write_evaluation)
-from fsdp import (any_rank, clipped_step, gathered, load_model, peak_memory_mib, resolve_model_path,
+from fsdp import (any_rank, clipped_step, compute_dtype, gathered, load_model, peak_memory_mib, resolve_model_path,
                   setup_distributed)
 
 
@@ -290,8 +290,8 @@ def start(cfg, task, device, resume):
               deque(state.get("recent_missing", []), maxlen=t["missing_window"]), state["step"], time.monotonic())
     if dist.get_rank() == 0:
         prepare_folder(run, checkpoint)
-        print(f"{dist.get_world_size()} rank(s) on {device}, model {model_path}, {len(train_set[0])} train and "
-              f"{len(test_set[0])} test prompts", flush=True)
+        print(f"{dist.get_world_size()} rank(s) on {device} in {compute_dtype(cfg['model']['dtype'], device)}, model "
+              f"{model_path}, {len(train_set[0])} train and {len(test_set[0])} test prompts", flush=True)
     return run
 
 

@@ -284,6 +284,19 @@ def test_nonfinite_names_the_quantity():
     assert fsdp.nonfinite(0.5, torch.tensor(float("inf"))) == "grad_norm"
 
 
+def test_auto_dtype_is_bfloat16_only_where_the_hardware_multiplies_in_it(monkeypatch):
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    for avx512_bf16, amx, expected in ((False, False, torch.float32), (True, False, torch.bfloat16),
+                                       (False, True, torch.bfloat16)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        assert fsdp.compute_dtype("auto", cpu) == expected
+    for bf16, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16)
+        assert fsdp.compute_dtype("auto", gpu) == expected  # whatever the host CPU has
+    assert fsdp.compute_dtype("bfloat16", cpu) == torch.bfloat16 and fsdp.compute_dtype("float32", gpu) == torch.float32
+
+
 def test_evaluation_with_fewer_prompts_than_ranks(tiny_model_dir, tmp_path):
     """One rank gets no test prompt, yet joins every collective; the rollouts equal a one-rank run's."""
     rollouts = {}
