@@ -55,7 +55,7 @@ DEFAULTS = {
         "kl_coef": 0.0,  # beta; > 0 loads a frozen reference model
         "scale_by_std": True,  # False: Dr. GRPO advantages
         "aggregation": "token",  # token | sequence | constant
-        "expert_in_group": False,  # the task's demonstration as each group's last member (grpo.with_guides)
+        "expert_in_group": False,  # the task's demonstration last in each group no draw matched (grpo.guide_needed)
         "logprob_chunk": 2048,  # tokens per vocabulary-projection chunk
     },
     "sft": {  # a supervised warm start on the task's demonstrations before GRPO (warm_start_step)

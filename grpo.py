@@ -236,10 +236,11 @@ def _decode_step(model, cache, token, attention_mask, next_position):
 
 
 def with_guides(rollout, guides, group_size, pad_token_id):
-    """The rollout with the last completion of each group replaced by a guide: token ids (ending in EOS)
-    that did not come from the policy, such as an expert's answer to that prompt. Guided groups (LUFFY,
-    arXiv 2504.14945) let a policy learn what it never samples: a stop it never says, a question it
-    never asks, is still rewarded in its group, and its advantage says how much better it did there.
+    """The rollout with the last completion of each group replaced by its guide, where the group has one
+    (None: the group stays as drawn): token ids (ending in EOS) that did not come from the policy, such as an
+    expert's answer to that prompt. Guided groups (LUFFY, arXiv 2504.14945) let a policy learn what it never
+    samples: a stop it never says, a question it never asks, is still rewarded in its group, and its
+    advantage says how much better it did there.
 
     The guide is scored and trained like a sampled row: the trainer recomputes its old log-probs, so its
     ratio starts at 1 and its gradient is A * grad log pi(guide), imitation weighted by the advantage. That
@@ -248,8 +249,9 @@ def with_guides(rollout, guides, group_size, pad_token_id):
     tokens still teach; the plain form is used here. The guide also raises its group's mean, so sampled
     answers are judged against the expert as well as each other. Its sampler log-probs are 0 (never drawn)
     and `sampled` marks it, so that sampler statistics leave it out."""
-    rows = list(range(group_size - 1, len(rollout.completion_ids), group_size))
-    width = max(rollout.completion_ids.size(1), max(map(len, guides)))
+    rows = [(g + 1) * group_size - 1 for g, guide in enumerate(guides) if guide is not None]
+    guides = [guide for guide in guides if guide is not None]
+    width = max([rollout.completion_ids.size(1), *map(len, guides)])
     grow = width - rollout.completion_ids.size(1)
     ids = torch.nn.functional.pad(rollout.completion_ids, (0, grow), value=pad_token_id)
     mask, logprobs = (torch.nn.functional.pad(x, (0, grow)) for x in (rollout.completion_mask, rollout.logprobs))
@@ -261,6 +263,19 @@ def with_guides(rollout, guides, group_size, pad_token_id):
         mask[row, :len(guide)] = 1
         finished[row], sampled[row] = True, False
     return Rollout(rollout.prompt_ids, rollout.prompt_mask, ids, mask, logprobs, finished, sampled)
+
+
+def guide_needed(rewards, guide_rewards, group_size):
+    """[N] True for the groups whose guide should join them: those where no drawn completion earned as much
+    as the guide (rewards [N * G], guide_rewards [N]; NaN where missing: a missing guide never joins).
+
+    Why not every group: where the policy already finds an answer as good as the expert's, the guide only
+    adds its bias (imitation of the expert's words, not a better answer) and pushes that group's decision
+    harder, a stop the policy already says, while the groups it gets wrong carry the same weight. Giving
+    the guide only where every sample falls short is the adaptive guidance of Guide-GRPO (Nath et al.,
+    arXiv 2506.13923), there with hints, here with the expert's turn."""
+    best = rewards.nan_to_num(nan=float("-inf")).view(-1, group_size).amax(dim=1)
+    return guide_rewards > best
 
 
 def token_logprobs(model, input_ids, attention_mask, n_completion, temperature=1.0, chunk_tokens=2048):

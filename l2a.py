@@ -428,13 +428,22 @@ def grpo_step(run, step):
     indices = step_indices(run.strata, nth, t["prompts_per_step"], t["seed"])[rank * per_rank:][:per_rank]
     seeds = grpo.row_seeds(t["seed"], nth, rank * per_rank, per_rank, G)
     result, responses = rollout(run.model, tokenizer, [prompt_ids[i] for i in indices], cfg["grpo"], seeds, G)
-    if cfg["grpo"]["expert_in_group"]:
-        guides = [answer_ids(tokenizer, run.demos[i], cfg["grpo"]["max_new_tokens"]) for i in indices]
-        result = grpo.with_guides(result, guides, G, tokenizer.pad_token_id)
-        responses[G - 1::G] = [tokenizer.decode(ids, skip_special_tokens=True) for ids in guides]
     times = {"sampling_time": time.perf_counter() - started}
     row_samples = [samples[i] for i in indices for _ in range(G)]
-    scores, rewards, judge_stats = score_rollouts(run.reward_fn, row_samples, responses, cfg, run.recent)
+    # Each group's guide is graded beside its draws, and takes the last draw's place only where it is needed.
+    guided = [i for i in indices if cfg["grpo"]["expert_in_group"]]
+    guides = [answer_ids(tokenizer, run.demos[i], cfg["grpo"]["max_new_tokens"]) for i in guided]
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in guides]
+    scores, rewards, judge_stats = score_rollouts(run.reward_fn, row_samples + [samples[i] for i in guided],
+                                                  responses + texts, cfg, run.recent)
+    B = len(responses)
+    if guides:
+        needed = grpo.guide_needed(rewards[:B], rewards[B:], G)
+        result = grpo.with_guides(result, [g if n else None for g, n in zip(guides, needed)], G, tokenizer.pad_token_id)
+        for j in needed.nonzero().flatten().tolist():
+            last = j * G + G - 1
+            responses[last], scores[last], rewards[last] = texts[j], scores[B + j], rewards[B + j]
+    scores, rewards = scores[:B], rewards[:B]
     updated = time.perf_counter()
     advantages, totals, grad_norm, fault = update_policy(run.model, run.reference, run.optimizer, result, rewards, cfg)
     times["update_time"] = time.perf_counter() - updated

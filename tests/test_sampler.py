@@ -295,3 +295,25 @@ def test_with_guides_puts_each_guide_last_in_its_group_and_marks_it_not_sampled(
     assert guided.logprobs.tolist() == [[-1.0, -2.0, 0.0], [0.0, 0.0, 0.0], [-5.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
     assert guided.finished.tolist() == [True, True, False, True] and guided.sampled.tolist() == [True, False, True, False]
     assert torch.equal(guided.prompt_ids, rollout.prompt_ids) and rollout.sampled is None  # the input is unchanged
+
+
+def test_with_guides_leaves_a_group_without_a_guide_as_drawn():
+    rollout = grpo.Rollout(prompt_ids=torch.ones(4, 3, dtype=torch.long), prompt_mask=torch.ones(4, 3, dtype=torch.long),
+                           completion_ids=torch.tensor([[11, 2], [12, 2], [13, 0], [14, 2]]),
+                           completion_mask=torch.tensor([[1, 1], [1, 1], [1, 0], [1, 1]]),
+                           logprobs=torch.tensor([[-1.0, -2.0], [-3.0, -4.0], [-5.0, 0.0], [-6.0, -7.0]]),
+                           finished=torch.tensor([True, True, False, True]))
+    guided = grpo.with_guides(rollout, [None, [7, 2]], group_size=2, pad_token_id=0)
+    assert guided.completion_ids.tolist() == [[11, 2], [12, 2], [13, 0], [7, 2]]
+    assert guided.logprobs[:3].tolist() == rollout.logprobs[:3].tolist() and guided.logprobs[3].tolist() == [0.0, 0.0]
+    assert guided.sampled.tolist() == [True, True, True, False]
+    unguided = grpo.with_guides(rollout, [None, None], group_size=2, pad_token_id=0)
+    assert torch.equal(unguided.completion_ids, rollout.completion_ids) and unguided.sampled.all()
+
+
+def test_guide_joins_only_groups_where_no_draw_earned_as_much():
+    nan = float("nan")
+    rewards = torch.tensor([1.0, 3.0, 1.0, 2.0, nan, nan, 2.0, nan])  # groups of 2: best 3, 2, none, 2
+    guide_rewards = torch.tensor([3.0, 2.5, 0.0, nan])
+    # a tie keeps the draws; a group with no valid draw takes any valid guide; a missing guide never joins
+    assert grpo.guide_needed(rewards, guide_rewards, 2).tolist() == [False, True, True, False]

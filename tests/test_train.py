@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import evaluation
 import fsdp
 import grpo
+import judge
 import l2a
 import learn_to_ask
 import preprocess
@@ -546,7 +547,6 @@ def test_warm_start_loss_and_gradient_equal_a_naive_cross_entropy(tiny_model_dir
 
 
 def test_reference_rows_choose_the_best_constant_on_train_and_grade_the_expert_on_test():
-    import judge
     samples = {split: preprocess.load_samples(ROOT / f"data/demo/{split}.jsonl") for split in ("train", "test")}
     test = samples["test"][:20]  # the default's test prompts
     reward_fn = judge.make_reward_fn({"backend": "rules", "fusion": "multiplicative"})
@@ -572,16 +572,46 @@ def test_a_guided_run_trains_on_the_experts_turns_and_logs_them_apart(tiny_model
     out = tmp_path / "run"
     l2a_run(write_config(tmp_path / "c.toml", tiny_model_dir, out, grpo={"group_size": 4, "max_new_tokens": 48,
                                                                          "expert_in_group": True}))
-    turns = {s["cid"]: s["expert_turn"] for s in preprocess.load_samples(ROOT / "data/demo/train.jsonl")}
+    samples = {s["cid"]: s for s in preprocess.load_samples(ROOT / "data/demo/train.jsonl")}
+    reward_fn, guided = judge.make_reward_fn({"backend": "rules"}), 0
     for line in map(json.loads, (out / "samples.jsonl").read_text().splitlines()):
-        *drawn, guide = line["completions"]
-        assert guide["expert"] and guide["response"] == turns[line["cid"]] and not any("expert" in c for c in drawn)
+        sample, (*drawn, last) = samples[line["cid"]], line["completions"]
+        [guide] = reward_fn([sample], [sample["expert_turn"]])
+        assert not any("expert" in c for c in drawn)
+        if last.get("expert"):  # the guide joins only a group where no draw earned as much as it
+            assert last["response"] == sample["expert_turn"] and last["reward"] == guide["reward"]
+            assert all(c["reward"] < guide["reward"] for c in drawn)
+        else:
+            assert max(c["reward"] for c in line["completions"]) >= guide["reward"]
+        guided += bool(last.get("expert"))
+    assert guided > 0
     for m in metric_lines(out)[1:]:  # the training reward is the policy's own; the guides' is logged apart
         assert m["rollouts"] == 16 and "expert_reward_mean" in m and m["updated"]
         assert m["sampler_trainer_logprob_gap"] < 1e-3  # the guides, never sampled, are left out of it
     with pytest.raises(BadInput, match="expert_in_group"):  # a custom task has no expert turns
         l2a.train(load_config(write_config(tmp_path / "d.toml", tiny_model_dir, tmp_path / "d",
                                                grpo={"expert_in_group": True})), task=toy_task())
+
+
+def test_a_guide_joins_only_the_groups_where_no_draw_earned_as_much(tiny_model_dir, tmp_path):
+    """On 2 ranks, with guides that beat every draw (all vowels) or none (no vowel): a guide replaces the
+    last draw in the first kind of group only."""
+    from toy_run import vowel_guide, vowel_share
+    out = tmp_path / "run"
+    run(write_config(tmp_path / "c.toml", tiny_model_dir, out, grpo={"group_size": 4, "expert_in_group": True}),
+        2, "--guided")
+    samples = {s["cid"]: s for s in preprocess.load_samples(ROOT / "data/demo/train.jsonl")}
+    kinds = []
+    for line in map(json.loads, (out / "samples.jsonl").read_text().splitlines()):
+        guide = vowel_guide(samples[line["cid"]])
+        [graded] = vowel_share(None, [guide])
+        *drawn, last = line["completions"]
+        if last.get("expert"):
+            assert last["response"] == guide and all(c["reward"] < graded["reward"] for c in drawn)
+        else:
+            assert max(c["reward"] for c in line["completions"]) >= graded["reward"]
+        kinds.append(bool(last.get("expert")))
+    assert len(kinds) == 8 and 0 < sum(kinds) < 8  # both kinds of group were met
 
 
 def test_a_warm_started_run_resumes_across_the_switch_to_grpo_exactly(tiny_model_dir, tmp_path):

@@ -1,10 +1,11 @@
 """A training run with a learnable toy reward, for the tests:
-`python|torchrun toy_run.py CONFIG [--resume] [--inf-reward | --slow-reward]`.
+`python|torchrun toy_run.py CONFIG [--resume] [--inf-reward | --slow-reward] [--guided]`.
 
 The toy task is the demo's prompts with the share of vowels in the response as its reward: a tiny random
 model can raise it within a few steps, and it needs no judge. --inf-reward makes one reward of each
 batch infinite, a broken reward function. --slow-reward takes 1.5 s per batch, as a remote judge may: a
-step or an evaluation then outlasts a signal.
+step or an evaluation then outlasts a signal. --guided gives the task demonstrations for guided groups
+(vowel_guide).
 """
 
 import sys
@@ -34,6 +35,12 @@ def slowly(samples, responses):
     return vowel_share(samples, responses)
 
 
+def vowel_guide(sample):
+    """All vowels (reward 1, which no draw of a random model reaches) or none (0, which every draw reaches),
+    by the parity of the sample's turn, so that a run meets groups of both kinds."""
+    return "aeiou" if int(sample["cid"].split("_")[-1]) % 2 else "xyz"
+
+
 def toy_task(reward=vowel_share):
     """A task as l2a.load_task returns one: the demo's samples and prompts, this reward, the defaults."""
     return SimpleNamespace(**{**l2a.OPTIONAL, "load_samples": preprocess.load_samples,
@@ -44,7 +51,10 @@ def toy_task(reward=vowel_share):
 if __name__ == "__main__":
     reward = one_infinite if "--inf-reward" in sys.argv else slowly if "--slow-reward" in sys.argv else vowel_share
     try:
-        l2a.train(load_config(sys.argv[1]), resume="--resume" in sys.argv, task=toy_task(reward))
+        task = toy_task(reward)
+        if "--guided" in sys.argv:
+            task.demonstration = vowel_guide
+        l2a.train(load_config(sys.argv[1]), resume="--resume" in sys.argv, task=task)
     except checkpoint.RunStopped as e:  # as l2a.main says it
         sys.exit(f"stopped: {e}")
     finally:
