@@ -269,11 +269,12 @@ def guide_needed(rewards, guide_rewards, group_size):
     """[N] True for the groups whose guide should join them: those where no drawn completion earned as much
     as the guide (rewards [N * G], guide_rewards [N]; NaN where missing: a missing guide never joins).
 
-    Why not every group: where the policy already finds an answer as good as the expert's, the guide only
-    adds its bias (imitation of the expert's words, not a better answer) and pushes that group's decision
-    harder, a stop the policy already says, while the groups it gets wrong carry the same weight. Giving
-    the guide only where every sample falls short is the adaptive guidance of Guide-GRPO (Nath et al.,
-    arXiv 2506.13923), there with hints, here with the expert's turn."""
+    Why not every group: where the policy already finds an answer as good as the expert's, the guide
+    teaches nothing new and adds its bias, imitation of the expert's words rather than of a better answer,
+    and one more push toward a decision the policy already takes. Giving the guide only where every draw
+    falls short is the adaptive guidance of Guide-GRPO (Nath et al., arXiv 2506.13923), there with hints,
+    here with the expert's turn. A guide is graded like a draw, so it counts toward the judge's missing
+    fraction (train.max_missing_fraction), and an HTTP judge gets one more request per group."""
     best = rewards.nan_to_num(nan=float("-inf")).view(-1, group_size).amax(dim=1)
     return guide_rewards > best
 
