@@ -28,7 +28,9 @@ TOY_RUN = ROOT / "tests" / "toy_run.py"
 
 
 def write_config(path, model_dir, out_dir, **sections):
-    cfg = {"model": {"path": str(model_dir)},
+    # float32 on every machine: auto would be bf16 on a CPU with AVX512-BF16 or AMX, and the tests'
+    # equality tolerances are float32's (a test of bf16 asks for it)
+    cfg = {"model": {"path": str(model_dir), "dtype": "float32"},
            "data": {"train_file": str(ROOT / "data/demo/train.jsonl"), "test_file": str(ROOT / "data/demo/test.jsonl")},
            "train": {"steps": 2, "prompts_per_step": 4, "micro_batch_size": 6, "lr": 3e-3, "seed": 1,
                      "output_dir": str(out_dir)},
