@@ -283,12 +283,16 @@ def test_repetition_penalty_does_not_depend_on_batch_company(model):
         assert torch.allclose(together.logprobs[2 * i:2 * i + 2, :n], alone.logprobs, atol=1e-5)
 
 
+def two_groups_of_two():
+    return grpo.Rollout(prompt_ids=torch.ones(4, 3, dtype=torch.long), prompt_mask=torch.ones(4, 3, dtype=torch.long),
+                        completion_ids=torch.tensor([[11, 2], [12, 2], [13, 0], [14, 2]]),
+                        completion_mask=torch.tensor([[1, 1], [1, 1], [1, 0], [1, 1]]),
+                        logprobs=torch.tensor([[-1.0, -2.0], [-3.0, -4.0], [-5.0, 0.0], [-6.0, -7.0]]),
+                        finished=torch.tensor([True, True, False, True]))
+
+
 def test_with_guides_puts_each_guide_last_in_its_group_and_marks_it_not_sampled():
-    rollout = grpo.Rollout(prompt_ids=torch.ones(4, 3, dtype=torch.long), prompt_mask=torch.ones(4, 3, dtype=torch.long),
-                           completion_ids=torch.tensor([[11, 2], [12, 2], [13, 0], [14, 2]]),
-                           completion_mask=torch.tensor([[1, 1], [1, 1], [1, 0], [1, 1]]),
-                           logprobs=torch.tensor([[-1.0, -2.0], [-3.0, -4.0], [-5.0, 0.0], [-6.0, -7.0]]),
-                           finished=torch.tensor([True, True, False, True]))
+    rollout = two_groups_of_two()
     guided = grpo.with_guides(rollout, [[5, 6, 2], [7, 2]], group_size=2, pad_token_id=0)
     assert guided.completion_ids.tolist() == [[11, 2, 0], [5, 6, 2], [13, 0, 0], [7, 2, 0]]
     assert guided.completion_mask.tolist() == [[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0]]
@@ -298,11 +302,7 @@ def test_with_guides_puts_each_guide_last_in_its_group_and_marks_it_not_sampled(
 
 
 def test_with_guides_leaves_a_group_without_a_guide_as_drawn():
-    rollout = grpo.Rollout(prompt_ids=torch.ones(4, 3, dtype=torch.long), prompt_mask=torch.ones(4, 3, dtype=torch.long),
-                           completion_ids=torch.tensor([[11, 2], [12, 2], [13, 0], [14, 2]]),
-                           completion_mask=torch.tensor([[1, 1], [1, 1], [1, 0], [1, 1]]),
-                           logprobs=torch.tensor([[-1.0, -2.0], [-3.0, -4.0], [-5.0, 0.0], [-6.0, -7.0]]),
-                           finished=torch.tensor([True, True, False, True]))
+    rollout = two_groups_of_two()
     guided = grpo.with_guides(rollout, [None, [7, 2]], group_size=2, pad_token_id=0)
     assert guided.completion_ids.tolist() == [[11, 2], [12, 2], [13, 0], [7, 2]]
     assert guided.logprobs[:3].tolist() == rollout.logprobs[:3].tolist() and guided.logprobs[3].tolist() == [0.0, 0.0]
