@@ -574,19 +574,8 @@ def test_a_guided_run_trains_on_the_experts_turns_and_logs_them_apart(tiny_model
     out = tmp_path / "run"
     l2a_run(write_config(tmp_path / "c.toml", tiny_model_dir, out, grpo={"group_size": 4, "max_new_tokens": 48,
                                                                          "expert_in_group": True}))
-    samples = {s["cid"]: s for s in preprocess.load_samples(ROOT / "data/demo/train.jsonl")}
-    reward_fn, guided = judge.make_reward_fn({"backend": "rules"}), 0
-    for line in map(json.loads, (out / "samples.jsonl").read_text().splitlines()):
-        sample, (*drawn, last) = samples[line["cid"]], line["completions"]
-        [guide] = reward_fn([sample], [sample["expert_turn"]])
-        assert not any("expert" in c for c in drawn)
-        if last.get("expert"):  # the guide joins only a group where no draw earned as much as it
-            assert last["response"] == sample["expert_turn"] and last["reward"] == guide["reward"]
-            assert all(c["reward"] < guide["reward"] for c in drawn)
-        else:
-            assert max(c["reward"] for c in line["completions"]) >= guide["reward"]
-        guided += bool(last.get("expert"))
-    assert guided > 0
+    reward_fn = judge.make_reward_fn({"backend": "rules"})
+    assert any(guided_groups(out, lambda sample: sample["expert_turn"], reward_fn))
     for m in metric_lines(out)[1:]:  # the training reward is the policy's own; the guides' is logged apart
         assert m["rollouts"] == 16 and "expert_reward_mean" in m and m["updated"]
         assert m["sampler_trainer_logprob_gap"] < 1e-3  # the guides, never sampled, are left out of it
@@ -602,18 +591,27 @@ def test_a_guide_joins_only_the_groups_where_no_draw_earned_as_much(tiny_model_d
     out = tmp_path / "run"
     run(write_config(tmp_path / "c.toml", tiny_model_dir, out, grpo={"group_size": 4, "expert_in_group": True}),
         2, "--guided")
+    kinds = guided_groups(out, vowel_guide, vowel_share)
+    assert len(kinds) == 8 and 0 < sum(kinds) < 8  # both kinds of group were met
+
+
+def guided_groups(out, guide_of, reward_fn):
+    """For each group in samples.jsonl, whether its guide joined it, checked against the guide's own grade:
+    a guide, graded as the run graded it, is last where no draw earned as much, and absent elsewhere."""
     samples = {s["cid"]: s for s in preprocess.load_samples(ROOT / "data/demo/train.jsonl")}
     kinds = []
     for line in map(json.loads, (out / "samples.jsonl").read_text().splitlines()):
-        guide = vowel_guide(samples[line["cid"]])
-        [graded] = vowel_share(None, [guide])
-        *drawn, last = line["completions"]
+        sample, (*drawn, last) = samples[line["cid"]], line["completions"]
+        guide = guide_of(sample)
+        [graded] = reward_fn([sample], [guide])
+        assert not any("expert" in c for c in drawn)
         if last.get("expert"):
-            assert last["response"] == guide and all(c["reward"] < graded["reward"] for c in drawn)
+            assert last["response"] == guide and last["reward"] == graded["reward"]
+            assert all(c["reward"] < graded["reward"] for c in drawn)
         else:
             assert max(c["reward"] for c in line["completions"]) >= graded["reward"]
         kinds.append(bool(last.get("expert")))
-    assert len(kinds) == 8 and 0 < sum(kinds) < 8  # both kinds of group were met
+    return kinds
 
 
 def test_a_warm_started_run_resumes_across_the_switch_to_grpo_exactly(tiny_model_dir, tmp_path):
