@@ -201,10 +201,18 @@ CHILDREN = {"l2a": child_l2a, "trl": child_trl, "grpo_sample": child_grpo_sample
 
 # ----------------------------------------------------------------------------- the parent: pairs, medians, table
 
+def child_env():
+    """Every child's environment. Both sides run under one fixed glibc mmap threshold (the caller's own
+    value wins): left to itself glibc raises the threshold up to 32 MiB as large blocks are freed, then
+    keeps freed layer-sized blocks in its heap, so a side's peak resident memory would measure the order
+    of its frees more than what it holds at once (docs/performance.md: 6.90 against 3.97 GiB for one l2a
+    step). Fixed at 1 MiB, every larger tensor is mapped alone and returned when freed."""
+    return {"MALLOC_MMAP_THRESHOLD_": "1048576", **os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+
+
 def measure(side, reps_log, **kw):
     args = [sys.executable, __file__, "--child", side] + [f"--{k.replace('_', '-')}={v}" for k, v in kw.items()]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    result = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT)
+    result = subprocess.run(args, capture_output=True, text=True, env=child_env(), cwd=ROOT)
     if result.returncode != 0:
         sys.exit(f"{side} {kw} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
     out = json.loads(result.stdout.strip().splitlines()[-1])

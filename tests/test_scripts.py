@@ -169,3 +169,29 @@ def test_bench_gives_trl_the_prompts_and_sampling_that_l2a_trains_with():
     drawn = [samples[i] for step in range(4) for i in l2a.step_indices(strata, step, 3, cfg["train"]["seed"])]
     assert bench.prompt_order(samples, 4, 3) == drawn
     assert (cfg["grpo"]["top_p"], cfg["grpo"]["repetition_penalty"], cfg["grpo"]["expert_in_group"]) == (1.0, 1.0, False)
+
+
+RETAINED = """
+import os, torch
+def rss(): return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+a = torch.ones(4 * 2**20)  # 16 MiB: mapped on its own under either threshold
+del a                      # freeing it raises glibc's own threshold to 16 MiB
+before = rss()
+b = torch.ones(2 * 2**20)  # 8 MiB: from the heap under the raised threshold, mapped alone under 1 MiB
+del b
+print(rss() - before)
+"""
+
+
+def test_bench_children_give_freed_tensors_back():
+    """bench.child_env fixes glibc's mmap threshold for both sides, so that a tensor freed is memory
+    returned and peak resident memory counts what a side holds; without it glibc keeps a freed 8 MiB
+    tensor resident once a larger one has come and gone (the test is of glibc, as the bench runs on)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench
+    env = bench.child_env()
+    assert env["MALLOC_MMAP_THRESHOLD_"] == "1048576"
+    glibc_alone = {k: v for k, v in env.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    kept = [float(subprocess.run([sys.executable, "-c", RETAINED], env=e, capture_output=True, text=True,
+                                 check=True).stdout) for e in (env, glibc_alone)]
+    assert kept[0] < 1 and kept[1] >= 7, kept
