@@ -2,9 +2,9 @@
 by hand): the first rollout of the first N test prompts of each expert decision, in file order. Then,
 for every evaluation of the run, the counts that tell learning from a template: how many of the
 answers to continue prompts are distinct, their commonest opening, and how often <stop /> was said;
-and how often it was said against how many questions the pharmacist had already asked (beside how
-often the expert stopped there, in the training split), which shows whether a run stops by reading
-the consultation or by counting turns.
+and how often it was said against how many questions about the complaint the pharmacist had already
+asked, and whether the allergy check came (beside how often the expert stopped there, in the training
+split), which shows whether a run stops by reading the consultation or by counting turns.
 
     python scripts/answers.py runs/demo            # N = 4 continue and 2 stop prompts
 """
@@ -57,25 +57,32 @@ def main():
 
 
 def asked(sample):
-    """How many of the pharmacist's turns so far hold a question."""
-    return sum(m["role"] == "assistant" and "?" in m["content"] for m in sample["messages"])
+    """What the pharmacist has asked so far: (how many turns asked about the complaint, whether the allergy
+    check came). A turn asks when it holds a question; a greeting ("How can I help you?", before the patient
+    has said anything) asks nothing about the complaint, and the allergy check is told apart because in the
+    demo data the expert always stops after it, while how many questions come before it is drawn at random
+    (data/demo/make_demo.py)."""
+    first = next((i for i, m in enumerate(sample["messages"]) if m["role"] == "user"), len(sample["messages"]))
+    turns = [m["content"] for m in sample["messages"][first:] if m["role"] == "assistant" and "?" in m["content"]]
+    checked = any("allerg" in t.lower() for t in turns)
+    return len(turns) - checked, checked
 
 
 def by_questions_asked(evaluations, samples, train):
-    """A table: per number of questions asked before the prompt, the training prompts where the expert
+    """A table: per questions asked before the prompt (asked), the training prompts where the expert
     stopped and went on, the tested ones, then for each evaluation (name -> rows) the <stop /> said on
     each kind."""
     kind = {s["cid"]: (asked(s), s["decision_truth"]) for s in samples}
     in_train = Counter((asked(s), s["decision_truth"]) for s in train)
     tested = Counter(kind[c] for c in {r["cid"] for rows in evaluations.values() for r in rows})
     said = {name: Counter((*kind[r["cid"]], STOP in r["response"]) for r in rows) for name, rows in evaluations.items()}
-    lines = ["| questions asked before | training prompts: expert stopped / went on | tested prompts: the same | "
+    lines = ["| questions about the complaint asked before | training prompts: expert stopped / went on | tested prompts: the same | "
              + " | ".join(f"{name}: <stop /> said (expert stopped / went on)" for name in evaluations) + " |",
              "|---|---|---|" + "---|" * len(evaluations)]
     for k in sorted({k for k, _ in in_train + tested}):
         cells = [" / ".join(f"{n[(k, d, True)]} of {n[(k, d, True)] + n[(k, d, False)]}" for d in ("stop", "continue"))
                  for n in said.values()]
-        lines.append(f"| {k} | {in_train[(k, 'stop')]} / {in_train[(k, 'continue')]} | "
+        lines.append(f"| {k[0]}{', then the allergy check' if k[1] else ''} | {in_train[(k, 'stop')]} / {in_train[(k, 'continue')]} | "
                      f"{tested[(k, 'stop')]} / {tested[(k, 'continue')]} | " + " | ".join(cells) + " |")
     return lines
 

@@ -103,21 +103,27 @@ def test_answers_counts_a_template_and_the_stops():
 
 
 def test_answers_counts_stops_by_the_questions_asked_before():
-    """Turns holding a question are counted, the others not ("I see."); each evaluation's cell gives the
-    <stop /> said where the expert stopped, then where they went on."""
-    def sample(cid, decision, *turns):
+    """Turns holding a question are counted, the others not ("I see."), nor a greeting before the patient's
+    first message; the allergy check is a row of its own; each evaluation's cell gives the <stop /> said
+    where the expert stopped, then where they went on."""
+    def sample(cid, decision, *turns, greeting=False):
         return {"cid": cid, "decision_truth": decision,
-                "messages": [m for t in turns for m in ({"role": "assistant", "content": t}, {"role": "user", "content": "ok"})]}
-    samples = [sample("a", "continue"), sample("b", "continue", "Where is it?", "I see."),
+                "messages": [{"role": "assistant", "content": "How can I help?"}] * greeting
+                + [{"role": "user", "content": "My throat hurts."}]
+                + [m for t in turns for m in ({"role": "assistant", "content": t}, {"role": "user", "content": "ok"})]}
+    samples = [sample("a", "continue", greeting=True), sample("b", "continue", "Where is it?", "I see."),
                sample("c", "stop", "I see.", "Where is it?"), sample("d", "continue", "How bad?", "Since when?"),
-               sample("e", "stop", "How bad?", "Since when?"), sample("unused", "stop")]
-    said = {"a": "How long?", "b": "<stop />", "c": "<stop />", "d": "<stop />", "e": "Any fever?"}
+               sample("e", "stop", "How bad?", "Since when?"), sample("f", "stop", "How bad?", "Any allergies?"),
+               sample("unused", "stop")]
+    said = {"a": "How long?", "b": "<stop />", "c": "<stop />", "d": "<stop />", "e": "Any fever?", "f": "<stop />"}
     rows = [{"cid": c, "response": r} for c, r in said.items()] + [{"cid": "d", "response": "Where is it?"}]
-    assert [answers.asked(s) for s in samples] == [0, 1, 1, 2, 2, 0]
+    assert [answers.asked(s) for s in samples] == [(0, False), (1, False), (1, False), (2, False), (2, False),
+                                                   (1, True), (0, False)]
     train = [sample("t", "stop", "Any fever?", "How bad?", "Since when?")]  # a count no tested prompt has
     assert answers.by_questions_asked({"step_0": rows[:1], "step_9": rows}, samples, train)[2:] == [
         "| 0 | 0 / 0 | 0 / 1 | 0 of 0 / 0 of 1 | 0 of 0 / 0 of 1 |",
         "| 1 | 0 / 0 | 1 / 1 | 0 of 0 / 0 of 0 | 1 of 1 / 1 of 1 |",
+        "| 1, then the allergy check | 0 / 0 | 1 / 0 | 0 of 0 / 0 of 0 | 1 of 1 / 0 of 0 |",
         "| 2 | 0 / 0 | 1 / 1 | 0 of 0 / 0 of 0 | 0 of 1 / 1 of 2 |",
         "| 3 | 1 / 0 | 0 / 0 | 0 of 0 / 0 of 0 | 0 of 0 / 0 of 0 |"]
 
