@@ -1,5 +1,6 @@
 """scripts/sweep.py's table and resumption, scripts/answers.py's fixed choice of prompts, and
-scripts/judge_check.py's regrading of a run's logs, scripts/rule_baseline.py's rule."""
+scripts/judge_check.py's regrading of a run's logs, scripts/rule_baseline.py's rule, benchmarks/bench.py's
+children."""
 
 import json
 import subprocess
@@ -8,7 +9,9 @@ import sys
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 import answers  # noqa: E402
+import bench  # noqa: E402
 import judge_check  # noqa: E402
 import rule_baseline  # noqa: E402
 import sweep  # noqa: E402
@@ -164,8 +167,6 @@ def test_rule_baseline_asks_the_first_field_not_yet_asked_and_stops_after_n_or_t
 def test_bench_gives_trl_the_prompts_and_sampling_that_l2a_trains_with():
     """benchmarks/bench.py compares plain GRPO steps: TRL's side must get the prompts that l2a's side
     draws under the bench's config, step by step, and l2a's side must sample as TRL's does."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import bench
     import l2a
     import learn_to_ask
     import preprocess
@@ -193,8 +194,6 @@ def test_bench_children_give_freed_tensors_back():
     """bench.child_env fixes glibc's mmap threshold for both sides, so that a tensor freed is memory
     returned and peak resident memory counts what a side holds; without it glibc keeps a freed 8 MiB
     tensor resident once a larger one has come and gone (the test is of glibc, as the bench runs on)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import bench
     env = bench.child_env()
     assert env["MALLOC_MMAP_THRESHOLD_"] == "1048576"
     glibc_alone = {k: v for k, v in env.items() if k != "MALLOC_MMAP_THRESHOLD_"}
