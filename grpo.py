@@ -493,6 +493,26 @@ def packed_prompt_logprobs(model, prompt_ids, prompt_mask, prompt_of_row, comple
     return padded.masked_scatter(in_completion, logps), padded.masked_scatter(in_completion, entropies)
 
 
+def packed_row_logprobs(model, rows, scored, chunk_tokens=2048):
+    """Teacher-forced log-probs of chosen tokens of whole rows (lists of token ids): rows[r]'s tokens at the
+    positions scored[r], given the tokens before them, under the untempered policy; flat, in order.
+
+    The rows run back to back as one packed row, each attending only to itself (positions restart per
+    row), like packed_prompt_logprobs' prompt pass, and only the scored positions reach the output layer.
+    The warm start scores a chain of a consultation's turns this way: each answer given its prompt, all of
+    them in one pass over the longest prompt (l2a.chained_rows). Equal to token_logprobs row by row (tested)."""
+    device = next(model.parameters()).device
+    cu = [0] + torch.tensor([len(r) for r in rows]).cumsum(0).tolist()
+    ids = torch.tensor([t for r in rows for t in r], device=device)
+    where = torch.tensor([cu[r] + k for r, ks in enumerate(scored) for k in ks], device=device)
+    positions = torch.cat([torch.arange(len(r)) for r in rows]).to(device)
+    with attention_as(model, "l2a_packed"):
+        logps, _ = _scored_forward(model, ids[where], 1.0, chunk_tokens, lambda h: h[0, where - 1],
+                                   input_ids=ids[None], position_ids=positions[None], use_cache=False,
+                                   logits_to_keep=0, packing=Packing(cu, cu))
+    return logps
+
+
 def prompt_sharing(model, group_size):
     """How score_rows runs the prompts: once per group instead of G times (shared_prompt_logprobs),
     and packed without padding where FlashAttention's variable-length kernel makes that pay

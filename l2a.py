@@ -170,13 +170,50 @@ def answer_ids(tokenizer, text, max_new_tokens):
     return tokenizer(text, add_special_tokens=False)["input_ids"][:max_new_tokens - 1] + [eos_ids(tokenizer)[0]]
 
 
-def demonstration_batch(tokenizer, prompts, demos, max_new_tokens):
-    """The warm start's rows: (prompt ids, mask) left-padded as the sampler takes them, and each
-    demonstration as the policy would emit it (answer_ids) right-padded, (ids, mask)."""
-    targets = [torch.tensor(answer_ids(tokenizer, demo, max_new_tokens)) for demo in demos]
-    target = pad_sequence(targets, batch_first=True, padding_value=tokenizer.pad_token_id)
-    target_mask = pad_sequence([torch.ones_like(t) for t in targets], batch_first=True)
-    return *grpo.left_pad(prompts, tokenizer.pad_token_id), target, target_mask
+def demonstration_chains(prompt_ids, answers):
+    """The warm start's samples in chains: sample j follows sample i when j's prompt begins with i's prompt
+    and answer, as a consultation's next turn does, so one row (the chain's last prompt and answer) holds
+    every answer of the chain. A chain is a list of sample indices, each extending the one before."""
+    full = [p + a for p, a in zip(prompt_ids, answers)]
+    before = {}
+    for j, p in enumerate(prompt_ids):  # j's direct predecessor: the longest prompt and answer that begin it
+        extended = [i for i, f in enumerate(full) if i != j and len(f) <= len(p) and p[:len(f)] == f]
+        if extended:
+            before[j] = max(extended, key=lambda i: len(full[i]))
+    after = {}
+    for j, i in sorted(before.items()):
+        after.setdefault(i, j)  # two samples after the same one (a repeated turn): the second starts a chain
+    chains = []
+    for head in (i for i in range(len(prompt_ids)) if after.get(before.get(i)) != i):
+        chains.append([head])
+        while chains[-1][-1] in after:
+            chains[-1].append(after[chains[-1][-1]])
+    return chains
+
+
+def warm_start_indices(chains, step, per_step, seed):
+    """The samples of warm-start step `step`: every sample once per pass, the chains in a seeded reshuffle
+    per pass and each chain's samples together, so that most of a step's samples share rows. A function of
+    the step alone, like step_indices."""
+    n, picks = sum(map(len, chains)), []
+    for i in range(step * per_step, (step + 1) * per_step):
+        epoch, k = divmod(i, n)
+        picks.append([s for c in epoch_order(len(chains), seed, epoch) for s in chains[c]][k])
+    return picks
+
+
+def chained_rows(indices, prompt_ids, answers):
+    """A step's warm-start rows: runs of `indices` that chain (each sample's prompt begins with the previous
+    one's prompt and answer) share one row, the last one's prompt and answer. Returns the rows' token ids
+    and, per row, the positions of its answers' tokens."""
+    rows, scored = [], []
+    for i in indices:
+        p = prompt_ids[i]
+        if not rows or p[:len(rows[-1])] != rows[-1]:
+            rows.append([]), scored.append([])
+        scored[-1] += range(len(p), len(p) + len(answers[i]))
+        rows[-1] = p + answers[i]
+    return rows, scored
 
 
 def eos_ids(tokenizer):
@@ -201,6 +238,7 @@ class Run:
     train: tuple  # (samples, prompt ids)
     test: tuple
     demos: list  # the task's demonstration of each training sample (None where it has none)
+    chains: list  # the warm start's samples, in chains of one consultation's turns (demonstration_chains)
     strata: list  # GRPO draws its prompts from these lists of training samples in turn (grpo_strata)
     references: dict  # name -> (summary, rows): the constant and expert rows
     done: int  # steps trained
@@ -283,10 +321,12 @@ def start(cfg, task, device, resume):
         raise BadInput(f"{cfg['data']['train_file']}: sft.steps and grpo.expert_in_group need a demonstration "
                        f"for every training sample (the expert's turn, which preprocess.py writes), and "
                        f"{demos.count(None)} lack one")
+    answers = [answer_ids(tokenizer, d, cfg["grpo"]["max_new_tokens"]) for d in demos] if cfg["sft"]["steps"] else []
+    chains = demonstration_chains(train_set[1], answers)
     strata = grpo_strata(task, train_set[0], t["strata"])  # before the reference rows: a bad weight fails fast
     references = reference_evaluations(task, train_set[0], test_set[0], reward_fn, cfg["eval"]["constant_prompts"])
     run = Run(cfg, task, reward_fn, device, out_dir, tokenizer, model, reference, optimizer, train_set, test_set,
-              demos, strata, references, state["step"], state.get("nonfinite_streak", 0),
+              demos, chains, strata, references, state["step"], state.get("nonfinite_streak", 0),
               deque(state.get("recent_missing", []), maxlen=t["missing_window"]), state["step"], time.monotonic())
     if dist.get_rank() == 0:
         prepare_folder(run, checkpoint)
@@ -355,7 +395,8 @@ def one_step(run, step):
     cfg, warm = run.cfg, run.cfg["sft"]["steps"]
     if step < warm:
         set_lr(run.optimizer, cfg["sft"]["lr"])
-        return warm_start_step(run.model, run.optimizer, run.tokenizer, *run.train, run.demos, cfg, step, run.device)
+        return warm_start_step(run.model, run.optimizer, run.tokenizer, *run.train, run.demos, run.chains, cfg, step,
+                               run.device)
     if step == warm > 0:  # GRPO starts with fresh AdamW moments: the imitation's are another scale
         run.optimizer.state.clear()
     set_lr(run.optimizer, cfg["train"]["lr"])
@@ -458,7 +499,7 @@ def grpo_step(run, step):
     return {**metrics, "step_time": time.perf_counter() - started}
 
 
-def warm_start_step(model, optimizer, tokenizer, samples, prompt_ids, demos, cfg, step, device):
+def warm_start_step(model, optimizer, tokenizer, samples, prompt_ids, demos, chains, cfg, step, device):
     """One supervised step on the task's demonstrations (Learn-to-Ask: the experts' next turns), demos[i]
     the answer to samples[i]: the cross-entropy of each answer (then EOS) given its prompt, which is minus
     the log-probs the trainer already scores answers with (grpo.token_logprobs), averaged over the batch's
@@ -471,23 +512,19 @@ def warm_start_step(model, optimizer, tokenizer, samples, prompt_ids, demos, cfg
     t, s = cfg["train"], cfg["sft"]
     rank, world, started = dist.get_rank(), dist.get_world_size(), time.perf_counter()
     per_rank = s["prompts_per_step"] // world
-    indices = step_indices([list(range(len(samples)))], step, s["prompts_per_step"], t["seed"])[rank * per_rank:][:per_rank]
-    batch = demonstration_batch(tokenizer, [prompt_ids[i] for i in indices], [demos[i] for i in indices],
-                                cfg["grpo"]["max_new_tokens"])
-    prompt, prompt_mask, target, target_mask = (x.to(device) for x in batch)
-    tokens = target_mask.sum().float()
+    indices = warm_start_indices(chains, step, s["prompts_per_step"], t["seed"])[rank * per_rank:][:per_rank]
+    answers = {i: answer_ids(tokenizer, demos[i], cfg["grpo"]["max_new_tokens"]) for i in indices}
+    # A chain's turns share one row: the demo's 8 samples a step hold ~2.5x fewer tokens than row by row.
+    rows, scored = chained_rows(indices, prompt_ids, answers)
+    tokens = torch.tensor(float(sum(map(len, scored))))
     dist.all_reduce(tokens)  # the global token count, before any backward: ranks and micro-batches weigh alike
     optimizer.zero_grad(set_to_none=True)
     loss_sum = 0.0
-    for b in range(0, len(indices), t["micro_batch_size"]):
-        rows = slice(b, b + t["micro_batch_size"])
-        # Packed, each prompt then its answer with no padding: the prompts differ in length (118 to 340 tokens
-        # in the demo), and a padded batch of 8 spends ~30% of its tokens on padding (benchmarks/warm_start.py).
+    for b in range(0, len(rows), t["micro_batch_size"]):
+        part = slice(b, b + t["micro_batch_size"])
         with grpo.recomputed_layers(model) if cfg["model"]["gradient_checkpointing"] else nullcontext():
-            logprobs, _ = grpo.packed_prompt_logprobs(model, prompt[rows], prompt_mask[rows],
-                                                      torch.arange(len(target[rows]), device=device), target[rows],
-                                                      target_mask[rows], 1.0, cfg["grpo"]["logprob_chunk"])
-        loss = -(logprobs * target_mask[rows]).sum() / tokens
+            logprobs = grpo.packed_row_logprobs(model, rows[part], scored[part], cfg["grpo"]["logprob_chunk"])
+        loss = -logprobs.sum() / tokens
         loss.backward()
         loss_sum += loss.item()
     grad_norm, fault = clipped_step(model, optimizer, loss_sum, t["grad_clip"])

@@ -8,7 +8,7 @@
   (model.dtype is the compute dtype only);
 - activations: what autograd keeps for backward, each storage once and the weights left out
   (saved_tensors_hooks), on the model in its compute dtype: the largest of the default's warm-start
-  batches (packed, as l2a.warm_start_step runs them) and a GRPO micro-batch of the default's shape at
+  batches (chained, as l2a.warm_start_step runs them) and a GRPO micro-batch of the default's shape at
   its worst (the two longest training prompts, G answers of max_new_tokens tokens each, shared prompts,
   as l2a.update_policy scores them);
 - the run: config.toml cut after its warm start and --grpo-steps GRPO steps, in a child process, its peak
@@ -84,14 +84,12 @@ def activations_gib(path, cfg, tokenizer):
     g, s, seed = cfg["grpo"], cfg["sft"], cfg["train"]["seed"]
     model = AutoModelForCausalLM.from_pretrained(path, dtype=fsdp.compute_dtype(cfg["model"]["dtype"],
                                                  torch.device("cpu")), attn_implementation="sdpa").train()
-    steps = [l2a.step_indices([list(range(len(samples)))], k, s["prompts_per_step"], seed) for k in range(s["steps"])]
-    answer = {i: len(l2a.answer_ids(tokenizer, demos[i], g["max_new_tokens"])) for i in range(len(samples))}
-    tokens = {tuple(rows): sum(len(prompts[i]) + answer[i] for i in rows) for rows in steps}
-    largest = max(steps, key=lambda rows: tokens[tuple(rows)])
-    prompt, prompt_mask, target, target_mask = l2a.demonstration_batch(
-        tokenizer, [prompts[i] for i in largest], [demos[i] for i in largest], g["max_new_tokens"])
-    warm = kept_gib(model, lambda: grpo.packed_prompt_logprobs(
-        model, prompt, prompt_mask, torch.arange(len(largest)), target, target_mask, 1.0, g["logprob_chunk"]))
+    answers = [l2a.answer_ids(tokenizer, d, g["max_new_tokens"]) for d in demos]
+    chains = l2a.demonstration_chains(prompts, answers)
+    steps = [l2a.chained_rows(l2a.warm_start_indices(chains, k, s["prompts_per_step"], seed), prompts, answers)
+             for k in range(s["steps"])]
+    rows, scored = max(steps, key=lambda step: sum(map(len, step[0])))
+    warm = kept_gib(model, lambda: grpo.packed_row_logprobs(model, rows, scored, g["logprob_chunk"]))
     longest = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))[-cfg["train"]["prompts_per_step"]:]
     prompt, prompt_mask = grpo.left_pad([prompts[i] for i in longest], tokenizer.pad_token_id)
     rows = len(longest) * g["group_size"]
@@ -99,7 +97,7 @@ def activations_gib(path, cfg, tokenizer):
     update = kept_gib(model, lambda: grpo.shared_prompt_logprobs(
         model, prompt, prompt_mask, torch.arange(rows) // g["group_size"], answers, torch.ones_like(answers),
         g["temperature"], g["logprob_chunk"]))
-    return {f"activations: the largest warm-start batch ({len(largest)} samples, {tokens[tuple(largest)]} tokens)": warm,
+    return {f"activations: the largest warm-start batch ({len(rows)} chained rows, {sum(map(len, rows))} tokens)": warm,
             f"activations: a GRPO micro-batch at its worst ({len(longest)} prompts of "
             f"{sum(len(prompts[i]) for i in longest)} tokens, {rows} answers of {g['max_new_tokens']})": update}
 

@@ -1,19 +1,20 @@
 """The default's two per-step costs outside GRPO, each against the way it was done before, on the bundled
 SmolLM2-135M in bfloat16 (run alone):
 
-- a warm-start batch of 8 demo samples, forward and backward: padded rows against packed ones
-  (grpo.packed_prompt_logprobs, which l2a.warm_start_step uses);
+- the warm start's first batch of 8 demo samples, forward and backward: padded rows, packed ones
+  (grpo.packed_prompt_logprobs), and chained ones, where a consultation's turns share one row
+  (grpo.packed_row_logprobs over l2a.chained_rows, which l2a.warm_start_step uses);
 - an AdamW step over the FSDP2-sharded model on one rank: the default implementation (foreach) against
   fused (which l2a.start uses).
 
     python benchmarks/warm_start.py
 """
-import random
 import sys
 import time
 from pathlib import Path
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -39,10 +40,16 @@ def main():
     cfg = load_config(ROOT / "config.toml")
     path = fsdp.resolve_model_path(cfg["model"]["path"])
     tokenizer, model = AutoTokenizer.from_pretrained(path), fsdp.load_model(path, cfg, torch.device("cpu"))
-    samples = random.Random(0).sample(learn_to_ask.load_samples(ROOT / cfg["data"]["train_file"]), 8)
-    _, prompts, _ = l2a.encode_prompts(samples, learn_to_ask.messages, tokenizer, cfg["data"]["max_prompt_tokens"])
-    prompt, prompt_mask, answer, answer_mask = l2a.demonstration_batch(
-        tokenizer, prompts, [learn_to_ask.demonstration(s) for s in samples], cfg["grpo"]["max_new_tokens"])
+    samples, prompts = l2a.load_split(cfg, learn_to_ask, "train_file", l2a.read_split(learn_to_ask, cfg, "train_file"),
+                                      tokenizer)
+    answers = [l2a.answer_ids(tokenizer, learn_to_ask.demonstration(s), cfg["grpo"]["max_new_tokens"]) for s in samples]
+    chains = l2a.demonstration_chains(prompts, answers)
+    batch = l2a.warm_start_indices(chains, 0, cfg["sft"]["prompts_per_step"], cfg["train"]["seed"])
+    prompt, prompt_mask = grpo.left_pad([prompts[i] for i in batch], tokenizer.pad_token_id)
+    answer = pad_sequence([torch.tensor(answers[i]) for i in batch], batch_first=True,
+                          padding_value=tokenizer.pad_token_id)
+    answer_mask = pad_sequence([torch.ones(len(answers[i]), dtype=torch.long) for i in batch], batch_first=True)
+    rows, scored = l2a.chained_rows(batch, prompts, answers)
     width = answer.size(1)
 
     def padded():
@@ -51,11 +58,16 @@ def main():
         (-(logprobs * answer_mask).sum()).backward()
 
     def packed():
-        logprobs, _ = grpo.packed_prompt_logprobs(model, prompt, prompt_mask, torch.arange(8), answer, answer_mask)
+        logprobs, _ = grpo.packed_prompt_logprobs(model, prompt, prompt_mask, torch.arange(len(batch)), answer,
+                                                  answer_mask)
         (-(logprobs * answer_mask).sum()).backward()
 
-    print(f"warm-start batch of 8 ({prompt_mask.sum()} prompt tokens, {prompt_mask.numel()} padded), forward and "
-          f"backward: padded {timed(padded):.2f} s, packed {timed(packed):.2f} s")
+    def chained():
+        (-grpo.packed_row_logprobs(model, rows, scored).sum()).backward()
+
+    print(f"warm-start batch of {len(batch)} ({prompt_mask.sum()} prompt tokens, {prompt_mask.numel()} padded; "
+          f"{len(rows)} chained rows of {sum(map(len, rows))} tokens), forward and backward: padded "
+          f"{timed(padded):.2f} s, packed {timed(packed):.2f} s, chained {timed(chained):.2f} s")
     for fused in (False, True):
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=fused)
         print(f"AdamW step, {'fused' if fused else 'foreach'}: {timed(optimizer.step):.2f} s")

@@ -153,6 +153,21 @@ def test_step_prompts_are_a_function_of_the_step():
     assert steps[3] == l2a.step_indices(every, 3, 4, seed=3) and steps != [l2a.step_indices(every, s, 4, 4) for s in range(5)]
 
 
+def test_warm_start_chains_turns_and_draws_each_chain_whole():
+    """A sample follows the one whose prompt and answer begin its prompt; a second sample after the same one
+    (a repeated turn) and a sample that follows nothing start chains. A pass draws every sample once, each
+    chain's samples together and in order, and the rows of a step share what chains."""
+    prompts, answers = [[1, 2], [1, 2, 3, 4], [1, 2, 3, 4, 5, 6], [9], [1, 2, 3, 4]], [[3], [5], [7], [1], [5]]
+    chains = l2a.demonstration_chains(prompts, answers)
+    assert chains == [[0, 1, 2], [3], [4]]
+    drawn = [i for s in range(5) for i in l2a.warm_start_indices(chains, s, 2, seed=3)]
+    for one_pass in (drawn[:5], drawn[5:]):
+        assert sorted(one_pass) == list(range(5)) and "0, 1, 2" in str(one_pass), one_pass
+    assert any(l2a.warm_start_indices(chains, s, 5, 3) != l2a.warm_start_indices(chains, s, 5, 4) for s in range(10))
+    rows, scored = l2a.chained_rows([3, 0, 1, 2, 4], prompts, answers)
+    assert rows == [[9, 1], [1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 5]] and scored == [[1], [2, 4, 6], [4]]
+
+
 def test_strata_are_drawn_by_weight_in_turn_and_each_visited_whole():
     samples = [{"decision_truth": "stop" if i in (2, 7) else "continue"} for i in range(10)]
     go_on = [0, 1, 3, 4, 5, 6, 8, 9]
@@ -515,23 +530,27 @@ def test_sampling_gathers_parameters_once_not_per_token(tiny_model_dir, tmp_path
 @pytest.mark.parametrize("recompute", [False, True])
 def test_warm_start_loss_and_gradient_equal_a_naive_cross_entropy(tiny_model_dir, recompute):
     """warm_start_step's loss is the token-mean cross-entropy of the expert turns (then EOS) given their
-    prompts, and its gradient is that of the naive loss on Transformers' own logits, with the layers
-    recomputed in the backward (model.gradient_checkpointing) or not."""
-    cfg = load_config(ROOT / "config.toml", ["model.dtype='float32'", "sft.prompts_per_step=3",
+    prompts, and its gradient is that of the naive loss on Transformers' own logits, row by row, with the
+    layers recomputed in the backward (model.gradient_checkpointing) or not. Its rows are chained (a
+    consultation's turns share one) and split into micro-batches."""
+    cfg = load_config(ROOT / "config.toml", ["model.dtype='float32'", "sft.prompts_per_step=8",
                                                  "train.micro_batch_size=2",
                                                  f"model.gradient_checkpointing={str(recompute).lower()}"])
     fsdp.setup_distributed()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    samples, ids, _ = l2a.encode_prompts(preprocess.load_samples(ROOT / "data/demo/train.jsonl")[:3],
+    samples, ids, _ = l2a.encode_prompts(preprocess.load_samples(ROOT / "data/demo/train.jsonl")[:8],
                                          preprocess.policy_messages, tokenizer,
                                          4096)
     model = fsdp.load_model(str(tiny_model_dir), cfg, torch.device("cpu"))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # keeps the gradient for a look, changes nothing
-    said = l2a.warm_start_step(model, optimizer, tokenizer, samples, ids, [s["expert_turn"] for s in samples], cfg, 0,
-                               torch.device("cpu"))
+    demos = [s["expert_turn"] for s in samples]
+    answers = [l2a.answer_ids(tokenizer, d, cfg["grpo"]["max_new_tokens"]) for d in demos]
+    chains = l2a.demonstration_chains(ids, answers)
+    order = l2a.warm_start_indices(chains, 0, 8, cfg["train"]["seed"])
+    assert sorted(order) == list(range(8)) and len(l2a.chained_rows(order, ids, answers)[0]) < 8, "rows are shared"
+    said = l2a.warm_start_step(model, optimizer, tokenizer, samples, ids, demos, chains, cfg, 0, torch.device("cpu"))
 
     naive = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    order = l2a.step_indices([list(range(3))], 0, 3, cfg["train"]["seed"])
     total, count = 0.0, 0
     for i in order:  # one row at a time, no padding anywhere
         target = tokenizer(samples[i]["expert_turn"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
