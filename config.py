@@ -28,7 +28,7 @@ DEFAULTS = {
     "train": {
         "steps": 20,
         "prompts_per_step": 8,  # over all ranks; must divide by the number of ranks
-        "micro_batch_size": 16,  # completions per forward/backward
+        "micro_batch_size": 16,  # completions (warm start: samples) per forward/backward
         "lr": 1e-6,
         "weight_decay": 0.0,
         "grad_clip": 1.0,

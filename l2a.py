@@ -175,11 +175,18 @@ def demonstration_chains(prompt_ids, answers):
     and answer, as a consultation's next turn does, so one row (the chain's last prompt and answer) holds
     every answer of the chain. A chain is a list of sample indices, each extending the one before."""
     full = [p + a for p, a in zip(prompt_ids, answers)]
-    before = {}
-    for j, p in enumerate(prompt_ids):  # j's direct predecessor: the longest prompt and answer that begin it
-        extended = [i for i, f in enumerate(full) if i != j and len(f) <= len(p) and p[:len(f)] == f]
-        if extended:
-            before[j] = max(extended, key=lambda i: len(full[i]))
+    before, stack = {}, []
+    # Sorted, a sequence comes before its extensions and so does everything between them, which begins
+    # with it too: the prompts-and-answers that begin the current sequence are a stack, longest on top.
+    # O(n log n) comparisons, not the n^2 of trying every pair (RealMedConv has thousands of samples).
+    turns = [(f, 0, i) for i, f in enumerate(full)] + [(p, 1, j) for j, p in enumerate(prompt_ids)]
+    for seq, is_prompt, k in sorted(turns):
+        while stack and seq[:len(stack[-1][0])] != stack[-1][0]:
+            stack.pop()
+        if not is_prompt and not (stack and stack[-1][0] == seq):  # of identical turns, the first listed
+            stack.append((seq, k))
+        elif is_prompt and stack:
+            before[k] = stack[-1][1]
     after = {}
     for j, i in sorted(before.items()):
         after.setdefault(i, j)  # two samples after the same one (a repeated turn): the second starts a chain
@@ -514,16 +521,18 @@ def warm_start_step(model, optimizer, tokenizer, samples, prompt_ids, demos, cha
     per_rank = s["prompts_per_step"] // world
     indices = warm_start_indices(chains, step, s["prompts_per_step"], t["seed"])[rank * per_rank:][:per_rank]
     answers = {i: answer_ids(tokenizer, demos[i], cfg["grpo"]["max_new_tokens"]) for i in indices}
-    # A chain's turns share one row: the demo's 8 samples a step hold ~2.5x fewer tokens than row by row.
-    rows, scored = chained_rows(indices, prompt_ids, answers)
-    tokens = torch.tensor(float(sum(map(len, scored))))
+    # Micro-batches of samples, not rows: every rank then runs as many forwards as the others, which FSDP's
+    # collectives need, however its samples chain. Within one, a chain's turns share a row (chained_rows):
+    # the demo's steps hold ~2.3x fewer tokens than row by row.
+    batches = [chained_rows(indices[b:b + t["micro_batch_size"]], prompt_ids, answers)
+               for b in range(0, per_rank, t["micro_batch_size"])]
+    tokens = torch.tensor(float(sum(len(k) for _, scored in batches for k in scored)), device=device)
     dist.all_reduce(tokens)  # the global token count, before any backward: ranks and micro-batches weigh alike
     optimizer.zero_grad(set_to_none=True)
     loss_sum = 0.0
-    for b in range(0, len(rows), t["micro_batch_size"]):
-        part = slice(b, b + t["micro_batch_size"])
+    for rows, scored in batches:
         with grpo.recomputed_layers(model) if cfg["model"]["gradient_checkpointing"] else nullcontext():
-            logprobs = grpo.packed_row_logprobs(model, rows[part], scored[part], cfg["grpo"]["logprob_chunk"])
+            logprobs = grpo.packed_row_logprobs(model, rows, scored, cfg["grpo"]["logprob_chunk"])
         loss = -logprobs.sum() / tokens
         loss.backward()
         loss_sum += loss.item()

@@ -88,8 +88,8 @@ def activations_gib(path, cfg, tokenizer):
     chains = l2a.demonstration_chains(prompts, answers)
     steps = [l2a.chained_rows(l2a.warm_start_indices(chains, k, s["prompts_per_step"], seed), prompts, answers)
              for k in range(s["steps"])]
-    rows, scored = max(steps, key=lambda step: sum(map(len, step[0])))
-    warm = kept_gib(model, lambda: grpo.packed_row_logprobs(model, rows, scored, g["logprob_chunk"]))
+    warm_rows, scored = max(steps, key=lambda step: sum(map(len, step[0])))
+    warm = kept_gib(model, lambda: grpo.packed_row_logprobs(model, warm_rows, scored, g["logprob_chunk"]))
     longest = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))[-cfg["train"]["prompts_per_step"]:]
     prompt, prompt_mask = grpo.left_pad([prompts[i] for i in longest], tokenizer.pad_token_id)
     rows = len(longest) * g["group_size"]
@@ -97,7 +97,7 @@ def activations_gib(path, cfg, tokenizer):
     update = kept_gib(model, lambda: grpo.shared_prompt_logprobs(
         model, prompt, prompt_mask, torch.arange(rows) // g["group_size"], answers, torch.ones_like(answers),
         g["temperature"], g["logprob_chunk"]))
-    return {f"activations: the largest warm-start batch ({len(rows)} chained rows, {sum(map(len, rows))} tokens)": warm,
+    return {f"activations: the largest warm-start batch ({len(warm_rows)} chained rows, {sum(map(len, warm_rows))} tokens)": warm,
             f"activations: a GRPO micro-batch at its worst ({len(longest)} prompts of "
             f"{sum(len(prompts[i]) for i in longest)} tokens, {rows} answers of {g['max_new_tokens']})": update}
 

@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -160,6 +161,22 @@ def test_warm_start_chains_turns_and_draws_each_chain_whole():
     prompts, answers = [[1, 2], [1, 2, 3, 4], [1, 2, 3, 4, 5, 6], [9], [1, 2, 3, 4]], [[3], [5], [7], [1], [5]]
     chains = l2a.demonstration_chains(prompts, answers)
     assert chains == [[0, 1, 2], [3], [4]]
+    # Against trying every pair, on consultations whose turns repeat (three words): identical openings,
+    # and turns of two messages (an answer that is not what the next prompt holds).
+    rng, many = random.Random(0), ([], [])
+    for _ in range(40):
+        said = [0]
+        for _ in range(rng.randint(1, 5)):
+            answer = [rng.randint(1, 3)] + [rng.randint(1, 3)] * rng.randint(0, 1)
+            many[0].append(list(said)), many[1].append(answer)
+            said += answer[:1] + [rng.randint(1, 3)]
+    full = [p + a for p, a in zip(*many)]
+    before = {j: max((i for i, f in enumerate(full) if p[:len(f)] == f and i != j), key=lambda i: (len(full[i]), -i))
+              for j, p in enumerate(many[0]) if any(p[:len(f)] == f for f in full)}
+    linked = [(i, j) for j, i in sorted(before.items()) if j == min(k for k, b in before.items() if b == i)]
+    found = l2a.demonstration_chains(*many)
+    assert sorted(i for c in found for i in c) == list(range(len(full))) and len(linked) > 20
+    assert sorted((a, b) for c in found for a, b in zip(c, c[1:])) == sorted(linked)
     drawn = [i for s in range(5) for i in l2a.warm_start_indices(chains, s, 2, seed=3)]
     for one_pass in (drawn[:5], drawn[5:]):
         assert sorted(one_pass) == list(range(5)) and "0, 1, 2" in str(one_pass), one_pass
@@ -547,7 +564,8 @@ def test_warm_start_loss_and_gradient_equal_a_naive_cross_entropy(tiny_model_dir
     answers = [l2a.answer_ids(tokenizer, d, cfg["grpo"]["max_new_tokens"]) for d in demos]
     chains = l2a.demonstration_chains(ids, answers)
     order = l2a.warm_start_indices(chains, 0, 8, cfg["train"]["seed"])
-    assert sorted(order) == list(range(8)) and len(l2a.chained_rows(order, ids, answers)[0]) < 8, "rows are shared"
+    rows = sum(len(l2a.chained_rows(order[b:b + 2], ids, answers)[0]) for b in range(0, 8, 2))  # micro-batches of 2
+    assert sorted(order) == list(range(8)) and rows < 8, "some rows hold two turns"
     said = l2a.warm_start_step(model, optimizer, tokenizer, samples, ids, demos, chains, cfg, 0, torch.device("cpu"))
 
     naive = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -652,6 +670,30 @@ def test_a_warm_started_run_resumes_across_the_switch_to_grpo_exactly(tiny_model
     assert all(torch.equal(a[k], b[k]) for k in a)
     table = (straight / "eval/comparison.md").read_text()
     assert table.startswith("| metric | step_0 | step_2 | step_3 | constant | expert |")
+
+
+def test_two_ranks_warm_start_exactly_like_one(tiny_model_dir, tmp_path):
+    """Each rank chains its own share of a warm-start step's samples into rows, and a chain may fall across
+    the two ranks; the loss over the global token count and the summed gradients still give the one-rank
+    steps: the same losses and weights (different micro-batching, recomputation on one side)."""
+    outs = {}
+    for nproc in (1, 2):
+        outs[nproc] = tmp_path / f"n{nproc}"
+        config = write_config(tmp_path / f"c{nproc}.toml", tiny_model_dir, outs[nproc],
+                              sft={"steps": 3, "prompts_per_step": 6},
+                              train={"steps": 0, "micro_batch_size": 1 if nproc == 1 else 2},
+                              model={"gradient_checkpointing": nproc == 2})
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        result = subprocess.run((launcher if nproc == 2 else [sys.executable]) + [str(ROOT / "l2a.py"), "--config",
+                                str(config)], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr[-3000:]
+    one, two = metric_lines(outs[1])[1:], metric_lines(outs[2])[1:]
+    assert len(one) == 3 and [m["sft_tokens"] for m in one] == [m["sft_tokens"] for m in two]
+    assert all(abs(a["sft_loss"] - b["sft_loss"]) < 1e-5 for a, b in zip(one, two)), (one, two)
+    w1, w2 = weights(outs[1] / "checkpoints/step_3"), weights(outs[2] / "checkpoints/step_3")
+    initial = weights(tiny_model_dir)
+    for k in w1:
+        assert (w1[k] - w2[k]).abs().max() < 1e-5 and (w1[k] - initial[k]).abs().max() > 1e-4, k  # lr 3e-4, 3 steps
 
 
 def l2a_run(config, *args):
