@@ -290,6 +290,10 @@ def check_settings(cfg, task):
             raise BadInput(f"{section}.prompts_per_step={per_step} must divide by the {world} ranks")
     if t["keep_checkpoints"] < 1:
         raise BadInput(f"train.keep_checkpoints = {t['keep_checkpoints']}: keep at least the newest one")
+    if s["steps"] and g["kl_coef"] > 0:
+        raise BadInput(f"grpo.kl_coef = {g['kl_coef']} after a warm start (sft.steps = {s['steps']}): the KL's "
+                       f"reference is the model as loaded, so it would pull GRPO back from the warm start toward the "
+                       f"base model; set grpo.kl_coef = 0, or sft.steps = 0")
     if (s["steps"] or g["expert_in_group"]) and task.demonstration is None:
         raise BadInput("sft.steps and grpo.expert_in_group learn from the task's demonstrations (an expert's "
                        "answers), and this task has none")
