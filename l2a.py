@@ -27,7 +27,6 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
