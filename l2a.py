@@ -201,11 +201,9 @@ def warm_start_indices(chains, step, per_step, seed):
     """The samples of warm-start step `step`: every sample once per pass, the chains in a seeded reshuffle
     per pass and each chain's samples together, so that most of a step's samples share rows. A function of
     the step alone, like step_indices."""
-    n, picks = sum(map(len, chains)), []
-    for i in range(step * per_step, (step + 1) * per_step):
-        epoch, k = divmod(i, n)
-        picks.append([s for c in epoch_order(len(chains), seed, epoch) for s in chains[c]][k])
-    return picks
+    n, picks = sum(map(len, chains)), range(step * per_step, (step + 1) * per_step)
+    orders = {e: [s for c in epoch_order(len(chains), seed, e) for s in chains[c]] for e in {i // n for i in picks}}
+    return [orders[i // n][i % n] for i in picks]
 
 
 def chained_rows(indices, prompt_ids, answers):
@@ -244,6 +242,7 @@ class Run:
     train: tuple  # (samples, prompt ids)
     test: tuple
     demos: list  # the task's demonstration of each training sample (None where it has none)
+    answers: list  # the warm start's targets: each demonstration as the policy would emit it (answer_ids)
     chains: list  # the warm start's samples, in chains of one consultation's turns (demonstration_chains)
     strata: list  # GRPO draws its prompts from these lists of training samples in turn (grpo_strata)
     references: dict  # name -> (summary, rows): the constant and expert rows
@@ -336,7 +335,7 @@ def start(cfg, task, device, resume):
     strata = grpo_strata(task, train_set[0], t["strata"])  # before the reference rows: a bad weight fails fast
     references = reference_evaluations(task, train_set[0], test_set[0], reward_fn, cfg["eval"]["constant_prompts"])
     run = Run(cfg, task, reward_fn, device, out_dir, tokenizer, model, reference, optimizer, train_set, test_set,
-              demos, chains, strata, references, state["step"], state.get("nonfinite_streak", 0),
+              demos, answers, chains, strata, references, state["step"], state.get("nonfinite_streak", 0),
               deque(state.get("recent_missing", []), maxlen=t["missing_window"]), state["step"], time.monotonic())
     if dist.get_rank() == 0:
         prepare_folder(run, checkpoint)
@@ -405,8 +404,7 @@ def one_step(run, step):
     cfg, warm = run.cfg, run.cfg["sft"]["steps"]
     if step < warm:
         set_lr(run.optimizer, cfg["sft"]["lr"])
-        return warm_start_step(run.model, run.optimizer, run.tokenizer, *run.train, run.demos, run.chains, cfg, step,
-                               run.device)
+        return warm_start_step(run.model, run.optimizer, *run.train, run.answers, run.chains, cfg, step, run.device)
     if step == warm > 0:  # GRPO starts with fresh AdamW moments: the imitation's are another scale
         run.optimizer.state.clear()
     set_lr(run.optimizer, cfg["train"]["lr"])
@@ -509,11 +507,11 @@ def grpo_step(run, step):
     return {**metrics, "step_time": time.perf_counter() - started}
 
 
-def warm_start_step(model, optimizer, tokenizer, samples, prompt_ids, demos, chains, cfg, step, device):
-    """One supervised step on the task's demonstrations (Learn-to-Ask: the experts' next turns), demos[i]
-    the answer to samples[i]: the cross-entropy of each answer (then EOS) given its prompt, which is minus
-    the log-probs the trainer already scores answers with (grpo.token_logprobs), averaged over the batch's
-    tokens on every rank.
+def warm_start_step(model, optimizer, samples, prompt_ids, answers, chains, cfg, step, device):
+    """One supervised step on the task's demonstrations (Learn-to-Ask: the experts' next turns), answers[i]
+    the token ids of the answer to samples[i] (answer_ids, EOS last): the cross-entropy of each answer given
+    its prompt, which is minus the log-probs the trainer already scores answers with
+    (grpo.token_logprobs), averaged over the batch's tokens on every rank.
 
     Why before GRPO: a policy that never samples <stop /> is never rewarded for it, so GRPO alone cannot
     teach it when to stop, and a small model's first questions are rarely about the consultation.
@@ -523,7 +521,6 @@ def warm_start_step(model, optimizer, tokenizer, samples, prompt_ids, demos, cha
     rank, world, started = dist.get_rank(), dist.get_world_size(), time.perf_counter()
     per_rank = s["prompts_per_step"] // world
     indices = warm_start_indices(chains, step, s["prompts_per_step"], t["seed"])[rank * per_rank:][:per_rank]
-    answers = {i: answer_ids(tokenizer, demos[i], cfg["grpo"]["max_new_tokens"]) for i in indices}
     # Micro-batches of samples, not rows: every rank then runs as many forwards as the others, which FSDP's
     # collectives need, however its samples chain. Within one, a chain's turns share a row (chained_rows):
     # the demo's steps hold ~2.3x fewer tokens than row by row.

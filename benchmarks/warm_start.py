@@ -68,6 +68,9 @@ def main():
     print(f"warm-start batch of {len(batch)} ({prompt_mask.sum()} prompt tokens, {prompt_mask.numel()} padded; "
           f"{len(rows)} chained rows of {sum(map(len, rows))} tokens), forward and backward: padded "
           f"{timed(padded):.2f} s, packed {timed(packed):.2f} s, chained {timed(chained):.2f} s")
+    row_by_row = sum(len(p) + len(a) for p, a in zip(prompts, answers))
+    chained_pass = sum(len(prompts[c[-1]]) + len(answers[c[-1]]) for c in chains)
+    print(f"a pass over the training split: {row_by_row} tokens row by row, {chained_pass} chained")
     for fused in (False, True):
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=fused)
         print(f"AdamW step, {'fused' if fused else 'foreach'}: {timed(optimizer.step):.2f} s")

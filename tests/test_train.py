@@ -566,7 +566,7 @@ def test_warm_start_loss_and_gradient_equal_a_naive_cross_entropy(tiny_model_dir
     order = l2a.warm_start_indices(chains, 0, 8, cfg["train"]["seed"])
     rows = sum(len(l2a.chained_rows(order[b:b + 2], ids, answers)[0]) for b in range(0, 8, 2))  # micro-batches of 2
     assert sorted(order) == list(range(8)) and rows < 8, "some rows hold two turns"
-    said = l2a.warm_start_step(model, optimizer, tokenizer, samples, ids, demos, chains, cfg, 0, torch.device("cpu"))
+    said = l2a.warm_start_step(model, optimizer, samples, ids, answers, chains, cfg, 0, torch.device("cpu"))
 
     naive = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     total, count = 0.0, 0
@@ -679,14 +679,10 @@ def test_two_ranks_warm_start_exactly_like_one(tiny_model_dir, tmp_path):
     outs = {}
     for nproc in (1, 2):
         outs[nproc] = tmp_path / f"n{nproc}"
-        config = write_config(tmp_path / f"c{nproc}.toml", tiny_model_dir, outs[nproc],
-                              sft={"steps": 3, "prompts_per_step": 6},
-                              train={"steps": 0, "micro_batch_size": 1 if nproc == 1 else 2},
-                              model={"gradient_checkpointing": nproc == 2})
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-        result = subprocess.run((launcher if nproc == 2 else [sys.executable]) + [str(ROOT / "l2a.py"), "--config",
-                                str(config)], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert result.returncode == 0, result.stderr[-3000:]
+        l2a_run(write_config(tmp_path / f"c{nproc}.toml", tiny_model_dir, outs[nproc],
+                             sft={"steps": 3, "prompts_per_step": 6},
+                             train={"steps": 0, "micro_batch_size": 1 if nproc == 1 else 2},
+                             model={"gradient_checkpointing": nproc == 2}), nproc=nproc)
     one, two = metric_lines(outs[1])[1:], metric_lines(outs[2])[1:]
     assert len(one) == 3 and [m["sft_tokens"] for m in one] == [m["sft_tokens"] for m in two]
     assert all(abs(a["sft_loss"] - b["sft_loss"]) < 1e-5 for a, b in zip(one, two)), (one, two)
@@ -696,7 +692,9 @@ def test_two_ranks_warm_start_exactly_like_one(tiny_model_dir, tmp_path):
         assert (w1[k] - w2[k]).abs().max() < 1e-5 and (w1[k] - initial[k]).abs().max() > 1e-4, k  # lr 3e-4, 3 steps
 
 
-def l2a_run(config, *args):
-    result = subprocess.run([sys.executable, str(ROOT / "l2a.py"), "--config", str(config), *args], capture_output=True,
+def l2a_run(config, *args, nproc=1):
+    launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+                                   if nproc > 1 else [])
+    result = subprocess.run(launcher + [str(ROOT / "l2a.py"), "--config", str(config), *args], capture_output=True,
                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
