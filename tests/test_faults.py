@@ -180,12 +180,14 @@ def test_torchrun_kills_workers_whose_step_outlasts_its_shutdown_timeout(tiny_mo
     log = Path(str(config) + ".log")
     for timeout, stops_cleanly in ((1, False), (120, True)):
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    "--shutdown-timeout", str(timeout), str(TOY_RUN), str(config), "--slow-reward"]
+                    "--shutdown-timeout", str(timeout), str(TOY_RUN), str(config), "--slow-reward=6"]
         run = subprocess.Popen(launcher + (["--resume"] if stops_cleanly else []), stdout=open(log, "w"),
                                stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
         first = logged_steps(out)[-1] if stops_cleanly else 0
         # Once step first + 1 is saved, every rank has already decided not to stop after it (the decision
-        # comes before the save), so the signal lands in the next step, slowed by its reward to over 1 s.
+        # comes before the save), so the signal lands in the next step, slowed by its reward to 6 s: six
+        # times the short timeout, so that a test process starved for a second or two on a busy machine
+        # still signals inside a step (at 1.5 s, CI once saw the workers stop cleanly within the second).
         # Sent on the log line alone, it could beat a rank to that decision: a clean stop within 1 s.
         wait_for(lambda: (out / "checkpoints" / f"step_{first + 1}").exists(), run)
         os.killpg(run.pid, signal.SIGTERM)  # as a scheduler does: every process, so each worker hears it twice

@@ -1,10 +1,10 @@
 """A training run with a learnable toy reward, for the tests:
-`python|torchrun toy_run.py CONFIG [--resume] [--inf-reward | --slow-reward] [--guided]`.
+`python|torchrun toy_run.py CONFIG [--resume] [--inf-reward | --slow-reward[=SECONDS]] [--guided]`.
 
 The toy task is the demo's prompts with the share of vowels in the response as its reward: a tiny random
 model can raise it within a few steps, and it needs no judge. --inf-reward makes one reward of each
-batch infinite, a broken reward function. --slow-reward takes 1.5 s per batch, as a remote judge may: a
-step or an evaluation then outlasts a signal. --guided gives the task demonstrations for guided groups
+batch infinite, a broken reward function. --slow-reward takes 1.5 s (or SECONDS) per batch, as a remote judge
+may: a step or an evaluation then outlasts a signal. --guided gives the task demonstrations for guided groups
 (vowel_guide).
 """
 
@@ -30,9 +30,11 @@ def one_infinite(samples, responses):
     return [{"reward": float("inf")}] + vowel_share(samples, responses)[1:]
 
 
-def slowly(samples, responses):
-    time.sleep(1.5)
-    return vowel_share(samples, responses)
+def slowly(seconds):
+    def reward(samples, responses):
+        time.sleep(seconds)
+        return vowel_share(samples, responses)
+    return reward
 
 
 def vowel_guide(sample):
@@ -49,7 +51,8 @@ def toy_task(reward=vowel_share):
 
 
 if __name__ == "__main__":
-    reward = one_infinite if "--inf-reward" in sys.argv else slowly if "--slow-reward" in sys.argv else vowel_share
+    slow = [a.partition("=")[2] or "1.5" for a in sys.argv if a.startswith("--slow-reward")]
+    reward = one_infinite if "--inf-reward" in sys.argv else slowly(float(slow[0])) if slow else vowel_share
     try:
         task = toy_task(reward)
         if "--guided" in sys.argv:
