@@ -16,7 +16,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageWriter
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
 from config import BadInput
@@ -27,9 +28,10 @@ class RunStopped(Exception):
     """The run stopped itself for a reason it states, keeping (in a checkpoint) every step it trained."""
 
 
-def save_checkpoint(model, optimizer, tokenizer, step, trainer_state, out_dir, keep):
+def save_checkpoint(model, optimizer, tokenizer, step, trainer_state, out_dir, keep, reference=None):
     """checkpoints/step_N: a Hugging Face model folder (safetensors), the sharded optimizer state (DCP),
-    each rank's random generator state and trainer_state.json. No rank gathers the model: every rank
+    each rank's random generator state, trainer_state.json and, when given, the KL's reference (DCP; only
+    when it is no longer the model the run loaded). No rank gathers the model: every rank
     writes its own shards, and DCP then stitches them into one safetensors file a tensor at a time.
     Everything is written into step_N.partial, flushed to disk, then renamed: a folder named step_N is
     always complete, and a save that dies half way (killed, disk full) leaves the previous checkpoint as
@@ -41,7 +43,7 @@ def save_checkpoint(model, optimizer, tokenizer, step, trainer_state, out_dir, k
     dist.barrier()
     error = None
     try:
-        write_partial(model, optimizer, tokenizer, {"step": step, **trainer_state}, partial)
+        write_partial(model, optimizer, tokenizer, {"step": step, **trainer_state}, partial, reference)
     except (Exception, CheckpointException) as e:  # DCP raises CheckpointException on every rank when one fails
         error = e  # any failure (a full disk: OSError, or safetensors' own error): every rank must hear of it
     # Each decision below is taken by every rank together, before any rank can raise: a rank that raised
@@ -74,15 +76,15 @@ def save_checkpoint(model, optimizer, tokenizer, step, trainer_state, out_dir, k
                      + ("continue with --resume." if previous else "start again.")) from error
 
 
-def write_partial(model, optimizer, tokenizer, trainer_state, partial):
+def write_partial(model, optimizer, tokenizer, trainer_state, partial, reference=None):
     """Write every part of a checkpoint into the folder `partial` and flush it to disk; raises on failure."""
     rank = dist.get_rank()
     partial.mkdir(parents=True, exist_ok=True)
-    named = dict(model.named_parameters()) | dict(model.named_buffers())  # a tied weight once
-    weights = {name: w for name, w in get_model_state_dict(model).items() if name in named}
-    dcp.save(weights, storage_writer=HuggingFaceStorageWriter(str(partial), save_distributed=True,
-                                                              enable_consolidation=True))
+    dcp.save(weights(model), storage_writer=HuggingFaceStorageWriter(str(partial), save_distributed=True,
+                                                                     enable_consolidation=True))
     dcp.save(get_optimizer_state_dict(model, optimizer), checkpoint_id=partial / "optimizer")  # fsyncs its files
+    if reference is not None:
+        dcp.save(weights(reference), checkpoint_id=partial / "reference")
     rng = {"torch": torch.get_rng_state().tolist()}  # plain JSON: nothing to unpickle on resume
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state().tolist()
@@ -98,6 +100,22 @@ def write_partial(model, optimizer, tokenizer, trainer_state, partial):
         for path in partial.rglob("*"):
             if path.is_file():
                 fsync(path)
+
+
+def weights(model):
+    """The model's sharded state dict, a tied weight once."""
+    named = dict(model.named_parameters()) | dict(model.named_buffers())
+    return {name: w for name, w in get_model_state_dict(model).items() if name in named}
+
+
+def load_reference(checkpoint, reference):
+    """Load the KL's reference saved in `checkpoint` (save_checkpoint) into the sharded model `reference`."""
+    if not (checkpoint / "reference").is_dir():
+        raise BadInput(f"--resume with grpo.kl_coef > 0 after a warm start: {checkpoint} holds no KL reference (the "
+                       f"warm-started policy), since its run had grpo.kl_coef = 0; resume with grpo.kl_coef = 0")
+    state = weights(reference)
+    dcp.load(state, checkpoint_id=checkpoint / "reference")
+    set_model_state_dict(reference, state, options=StateDictOptions(strict=False))
 
 
 def fsync(path):

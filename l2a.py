@@ -32,7 +32,7 @@ from transformers import AutoTokenizer
 
 import grpo
 from checkpoint import (RunStopped, StopTraining, check_writable, keep_lines_up_to, latest_checkpoint,
-                        load_trainer_state, open_output, save_checkpoint, stop_on_signals)
+                        load_reference, load_trainer_state, open_output, save_checkpoint, stop_on_signals)
 from config import BadInput, load_config
 from evaluation import (comparison_table, evaluate, log_step, numeric_fields, plot_curves, progress_numbers,
                         reference_evaluations, write_evaluation)
@@ -237,7 +237,7 @@ class Run:
     out_dir: Path
     tokenizer: object
     model: torch.nn.Module
-    reference: torch.nn.Module | None  # the frozen start, for the KL term (grpo.kl_coef > 0)
+    reference: torch.nn.Module | None  # the KL's frozen anchor (grpo.kl_coef > 0): the start of GRPO (one_step)
     optimizer: torch.optim.Optimizer
     train: tuple  # (samples, prompt ids)
     test: tuple
@@ -288,10 +288,6 @@ def check_settings(cfg, task):
             raise BadInput(f"{section}.prompts_per_step={per_step} must divide by the {world} ranks")
     if t["keep_checkpoints"] < 1:
         raise BadInput(f"train.keep_checkpoints = {t['keep_checkpoints']}: keep at least the newest one")
-    if s["steps"] and g["kl_coef"] > 0:
-        raise BadInput(f"grpo.kl_coef = {g['kl_coef']} after a warm start (sft.steps = {s['steps']}): the KL's "
-                       f"reference is the model as loaded, so it would pull GRPO back from the warm start toward the "
-                       f"base model; set grpo.kl_coef = 0, or sft.steps = 0")
     if (s["steps"] or g["expert_in_group"]) and task.demonstration is None:
         raise BadInput("sft.steps and grpo.expert_in_group learn from the task's demonstrations (an expert's "
                        "answers), and this task has none")
@@ -323,6 +319,8 @@ def start(cfg, task, device, resume):
     # the default foreach's 0.29–0.31 s (benchmarks/warm_start.py). CUDA has the same kernel.
     optimizer = torch.optim.AdamW(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"], fused=True)
     state = load_trainer_state(checkpoint, optimizer, model) if checkpoint else {"step": 0}
+    if reference is not None and state["step"] > cfg["sft"]["steps"] > 0:
+        load_reference(checkpoint, reference)
     train_set = load_split(cfg, task, "train_file", train_raw, tokenizer)
     test_set = load_split(cfg, task, "test_file", test_raw, tokenizer, cfg["eval"]["prompts"])
     demos = [task.demonstration(s) for s in train_set[0]] if task.demonstration else []
@@ -407,6 +405,13 @@ def one_step(run, step):
         return warm_start_step(run.model, run.optimizer, *run.train, run.answers, run.chains, cfg, step, run.device)
     if step == warm > 0:  # GRPO starts with fresh AdamW moments: the imitation's are another scale
         run.optimizer.state.clear()
+        if run.reference is not None:
+            # The KL anchors GRPO to where it starts, the warm-started policy: anchored to the base model,
+            # it would pull GRPO back toward what the warm start unlearned (never saying <stop />). From
+            # here on the reference is part of the run's state, saved with each checkpoint (save).
+            with torch.no_grad():
+                for r, p in zip(run.reference.parameters(), run.model.parameters()):
+                    r.copy_(p)  # the same sharding on both sides: each rank copies its own shards
     set_lr(run.optimizer, cfg["train"]["lr"])
     # Raises StopTraining before its update when too many rewards are missing: nothing is kept.
     return grpo_step(run, step)
@@ -420,7 +425,8 @@ def set_lr(optimizer, lr):
 def save(run):
     path = save_checkpoint(run.model, run.optimizer, run.tokenizer, run.done,
                            {"nonfinite_streak": run.streak, "recent_missing": list(run.recent)}, run.out_dir,
-                           run.cfg["train"]["keep_checkpoints"])
+                           run.cfg["train"]["keep_checkpoints"],
+                           run.reference if run.done > run.cfg["sft"]["steps"] > 0 else None)
     run.saved_step, run.saved_at = run.done, time.monotonic()
     return path
 

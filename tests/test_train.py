@@ -652,24 +652,28 @@ def guided_groups(out, guide_of, reward_fn):
 
 
 def test_a_warm_started_run_resumes_across_the_switch_to_grpo_exactly(tiny_model_dir, tmp_path):
-    """Two warm start steps then one GRPO step, straight, against a run stopped after the warm start
-    (train.steps = 0) and resumed: the same final weights, bit for bit (one process, float32)."""
+    """Two warm start steps then two GRPO steps with a KL, straight, against a run stopped after the warm
+    start (train.steps = 0), resumed for one GRPO step and resumed again: the same final weights, bit for
+    bit (one process, float32). The KL's reference is the warm-started policy, so the first GRPO step's KL
+    is 0; the second resume must read it from the checkpoint, not from the base model."""
     sections = {"sft": {"steps": 2, "prompts_per_step": 4}, "model": {"dtype": "float32"},
-                "train": {"steps": 1, "save_minutes": 0.0}}
+                "train": {"steps": 2, "save_minutes": 0.0}, "grpo": {"kl_coef": 0.5}}
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     l2a_run(write_config(tmp_path / "a.toml", tiny_model_dir, straight, **sections))
     config = write_config(tmp_path / "b.toml", tiny_model_dir, stopped, **sections)
     l2a_run(config, "--set", "train.steps=0")
+    l2a_run(config, "--resume", "--set", "train.steps=1")
     l2a_run(config, "--resume")
     lines = metric_lines(straight)
-    assert [m["step"] for m in lines] == [0, 1, 2, 3] and "sft_loss" in lines[1] and "reward_mean" in lines[3]
-    assert "eval_total_reward" in lines[2] and "eval_total_reward" in lines[3]  # after the warm start, at the end
-    assert [(m.get("sft_loss"), m.get("reward_mean")) for m in lines] == \
-           [(m.get("sft_loss"), m.get("reward_mean")) for m in metric_lines(stopped)]
-    a, b = weights(straight / "checkpoints/step_3"), weights(stopped / "checkpoints/step_3")
+    assert [m["step"] for m in lines] == [0, 1, 2, 3, 4] and "sft_loss" in lines[1] and "reward_mean" in lines[3]
+    assert "eval_total_reward" in lines[2] and "eval_total_reward" in lines[4]  # after the warm start, at the end
+    assert lines[3]["ref_kl"] == 0 < lines[4]["ref_kl"]
+    assert [(m.get("sft_loss"), m.get("reward_mean"), m.get("ref_kl")) for m in lines] == \
+           [(m.get("sft_loss"), m.get("reward_mean"), m.get("ref_kl")) for m in metric_lines(stopped)]
+    a, b = weights(straight / "checkpoints/step_4"), weights(stopped / "checkpoints/step_4")
     assert all(torch.equal(a[k], b[k]) for k in a)
     table = (straight / "eval/comparison.md").read_text()
-    assert table.startswith("| metric | step_0 | step_2 | step_3 | constant | expert |")
+    assert table.startswith("| metric | step_0 | step_2 | step_4 | constant | expert |")
 
 
 def test_two_ranks_warm_start_exactly_like_one(tiny_model_dir, tmp_path):
