@@ -679,15 +679,18 @@ def test_a_warm_started_run_resumes_across_the_switch_to_grpo_exactly(tiny_model
 def test_two_ranks_warm_start_exactly_like_one(tiny_model_dir, tmp_path):
     """Each rank chains its own share of a warm-start step's samples into rows, and a chain may fall across
     the two ranks; the loss over the global token count and the summed gradients still give the one-rank
-    steps: the same losses and weights (different micro-batching, recomputation on one side)."""
+    steps: the same losses and weights (different micro-batching, recomputation on one side). Then one
+    GRPO step with a KL: its reference, copied shard by shard from the warm-started policy, is that policy."""
     outs = {}
     for nproc in (1, 2):
         outs[nproc] = tmp_path / f"n{nproc}"
         l2a_run(write_config(tmp_path / f"c{nproc}.toml", tiny_model_dir, outs[nproc],
-                             sft={"steps": 3, "prompts_per_step": 6},
-                             train={"steps": 0, "micro_batch_size": 1 if nproc == 1 else 2},
+                             sft={"steps": 3, "prompts_per_step": 6}, grpo={"kl_coef": 0.5},
+                             train={"steps": 1, "micro_batch_size": 1 if nproc == 1 else 2, "save_minutes": 0.0},
                              model={"gradient_checkpointing": nproc == 2}), nproc=nproc)
-    one, two = metric_lines(outs[1])[1:], metric_lines(outs[2])[1:]
+    *one, grpo_one = metric_lines(outs[1])[1:]
+    *two, grpo_two = metric_lines(outs[2])[1:]
+    assert grpo_one["ref_kl"] == grpo_two["ref_kl"] == 0  # each rank copied its shards of the warm start
     assert len(one) == 3 and [m["sft_tokens"] for m in one] == [m["sft_tokens"] for m in two]
     assert all(abs(a["sft_loss"] - b["sft_loss"]) < 1e-5 for a, b in zip(one, two)), (one, two)
     w1, w2 = weights(outs[1] / "checkpoints/step_3"), weights(outs[2] / "checkpoints/step_3")
