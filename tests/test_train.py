@@ -674,6 +674,12 @@ def test_a_warm_started_run_resumes_across_the_switch_to_grpo_exactly(tiny_model
     assert all(torch.equal(a[k], b[k]) for k in a)
     table = (straight / "eval/comparison.md").read_text()
     assert table.startswith("| metric | step_0 | step_2 | step_4 | constant | expert |")
+    # A run saved after the switch without a KL holds no reference: a KL on resume is refused in one line.
+    plain = write_config(tmp_path / "c.toml", tiny_model_dir, tmp_path / "plain", **{**sections, "grpo": {}})
+    l2a_run(plain, "--set", "train.steps=1")
+    refused = subprocess.run([sys.executable, str(ROOT / "l2a.py"), "--config", str(plain), "--resume",
+                              "--set", "grpo.kl_coef=0.5"], capture_output=True, text=True)
+    assert refused.returncode != 0 and "holds no KL reference" in refused.stderr, refused.stderr[-2000:]
 
 
 def test_two_ranks_warm_start_exactly_like_one(tiny_model_dir, tmp_path):
