@@ -319,7 +319,7 @@ def start(cfg, task, device, resume):
     # the default foreach's 0.29–0.31 s (benchmarks/warm_start.py). CUDA has the same kernel.
     optimizer = torch.optim.AdamW(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"], fused=True)
     state = load_trainer_state(checkpoint, optimizer, model) if checkpoint else {"step": 0}
-    if reference is not None and state["step"] > cfg["sft"]["steps"] > 0:
+    if reference is not None and anchored_to_warm_start(cfg, state["step"]):
         load_reference(checkpoint, reference)
     train_set = load_split(cfg, task, "train_file", train_raw, tokenizer)
     test_set = load_split(cfg, task, "test_file", test_raw, tokenizer, cfg["eval"]["prompts"])
@@ -417,6 +417,12 @@ def one_step(run, step):
     return grpo_step(run, step)
 
 
+def anchored_to_warm_start(cfg, done):
+    """Whether, after `done` steps, the KL's reference is the warm-started policy (copied at the switch in
+    one_step), which only a checkpoint can give back, rather than the model as loaded."""
+    return done > cfg["sft"]["steps"] > 0
+
+
 def set_lr(optimizer, lr):
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -426,7 +432,7 @@ def save(run):
     path = save_checkpoint(run.model, run.optimizer, run.tokenizer, run.done,
                            {"nonfinite_streak": run.streak, "recent_missing": list(run.recent)}, run.out_dir,
                            run.cfg["train"]["keep_checkpoints"],
-                           run.reference if run.done > run.cfg["sft"]["steps"] > 0 else None)
+                           run.reference if anchored_to_warm_start(run.cfg, run.done) else None)
     run.saved_step, run.saved_at = run.done, time.monotonic()
     return path
 

@@ -677,9 +677,8 @@ def test_a_warm_started_run_resumes_across_the_switch_to_grpo_exactly(tiny_model
     # A run saved after the switch without a KL holds no reference: a KL on resume is refused in one line.
     plain = write_config(tmp_path / "c.toml", tiny_model_dir, tmp_path / "plain", **{**sections, "grpo": {}})
     l2a_run(plain, "--set", "train.steps=1")
-    refused = subprocess.run([sys.executable, str(ROOT / "l2a.py"), "--config", str(plain), "--resume",
-                              "--set", "grpo.kl_coef=0.5"], capture_output=True, text=True)
-    assert refused.returncode != 0 and "holds no KL reference" in refused.stderr, refused.stderr[-2000:]
+    refused = l2a_run(plain, "--resume", "--set", "grpo.kl_coef=0.5", fails=True)
+    assert "holds no KL reference" in refused.stderr, refused.stderr[-2000:]
 
 
 def test_two_ranks_warm_start_exactly_like_one(tiny_model_dir, tmp_path):
@@ -705,9 +704,11 @@ def test_two_ranks_warm_start_exactly_like_one(tiny_model_dir, tmp_path):
         assert (w1[k] - w2[k]).abs().max() < 1e-5 and (w1[k] - initial[k]).abs().max() > 1e-4, k  # lr 3e-4, 3 steps
 
 
-def l2a_run(config, *args, nproc=1):
+def l2a_run(config, *args, nproc=1, fails=False):
+    """Run l2a.py (under torchrun for nproc > 1); assert it succeeded, or with `fails` that it failed."""
     launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
                                    if nproc > 1 else [])
     result = subprocess.run(launcher + [str(ROOT / "l2a.py"), "--config", str(config), *args], capture_output=True,
                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (result.returncode != 0) == fails, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
