@@ -3,15 +3,23 @@ and the expert: it asks a generic question about the first field, in a fixed ord
 question so far has asked, and stops once `n` questions were asked or the last one checked allergies.
 The order and n are chosen on the training split, then scored on the test prompts the default evaluates.
 
+On the demo data it also prints what the test prompts pay for reading. With the rule's own decisions,
+the question is either the generator's question about a field still open (neither asked nor told),
+each open field in turn and their rewards averaged (what a policy that knows the open fields but not
+the expert's next choice can expect: make_demo.py draws that choice at random among them), or always
+the question about one field (a template). All are graded by the config's judge.
+
     python scripts/rule_baseline.py [--config config.toml] [--set eval.prompts=0 ...]
 """
 import argparse
+import importlib.util
 import itertools
 import re
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 import judge  # noqa: E402
 import preprocess  # noqa: E402
 from config import load_config  # noqa: E402
@@ -20,6 +28,7 @@ ASK = {"trigger": "What makes it worse?", "duration": "How long have you had it?
        "location": "Where is it?", "nature": "What does it feel like?"}
 ASKED = {"trigger": r"worse|come after|start after|sets|brings|cause", "duration": r"how long",
          "severity": r"how bad", "location": r"where|which part", "nature": r"what kind|feel like|is it a"}
+TEMPLATES = ("symptom duration", "symptom severity")  # the demo's fields that every complaint has
 
 
 def answer(sample, order, n):
@@ -32,6 +41,43 @@ def answer(sample, order, n):
 def mean_reward(reward_fn, samples, order, n):
     scores = reward_fn(samples, [answer(s, order, n) for s in samples])
     return sum(s["reward"] for s in scores) / len(scores)
+
+
+def demo_bank():
+    """make_demo.py's bank: diagnosis -> {field: (the pharmacist's question, the patient's possible answers)}."""
+    spec = importlib.util.spec_from_file_location("make_demo", ROOT / "data/demo/make_demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    return {c["diagn"]: {field: (question, [said for _, said in choices])
+                         for field, (question, choices) in {**c["fields"], **demo.GENERIC}.items()}
+            for c in demo.COMPLAINTS}
+
+
+def open_fields(sample, fields):
+    """The fields of the sample's complaint that no message has settled: the pharmacist has not asked
+    the field's question and the patient has not given one of its answers unasked."""
+    said = {m["content"] for m in sample["messages"]}
+    return [f for f, (question, answers) in fields.items() if question not in said and not said & set(answers)]
+
+
+def expected_reward(reward_fn, sample, decision, questions):
+    """The mean reward of `questions` to the sample, asked one at a time; the stop's where the rule stops."""
+    if decision == judge.STOP or not questions:
+        questions = [judge.STOP]
+    scores = reward_fn([sample] * len(questions), questions)
+    return sum(s["reward"] for s in scores) / len(scores)
+
+
+def reading_rows(reward_fn, samples, order, n, bank):
+    """{row name: the mean reward over samples} for the reader and each template, under the rule's decisions."""
+    def mean(pick):
+        return sum(expected_reward(reward_fn, s, answer(s, order, n), pick(s, bank[s["diagn"]]))
+                   for s in samples) / len(samples)
+    rows = {"a field still open, each in turn (expected)":
+            mean(lambda s, fields: [fields[f][0] for f in open_fields(s, fields)])}
+    for field in TEMPLATES:
+        rows[f"always the {field}"] = mean(lambda s, fields, field=field: [fields[field][0]])
+    return rows
 
 
 def main():
@@ -48,6 +94,11 @@ def main():
     print(f"chosen on {len(train)} training samples: ask {', then '.join(order)}; stop after {n} questions")
     print(f"train {mean_reward(reward_fn, train, order, n):.2f}, test ({len(test)} prompts) "
           f"{mean_reward(reward_fn, test, order, n):.2f}")
+    bank = demo_bank()
+    if all(s.get("diagn") in bank for s in test):
+        print("the rule's decisions, with make_demo.py's question about")
+        for name, reward in reading_rows(reward_fn, test, order, n, bank).items():
+            print(f"  {name}: test {reward:.2f}")
 
 
 if __name__ == "__main__":

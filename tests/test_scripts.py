@@ -164,6 +164,28 @@ def test_rule_baseline_asks_the_first_field_not_yet_asked_and_stops_after_n_or_t
     assert rule_baseline.answer(sample("Any drug allergies, or medicines you take?"), order, 3) == "<stop />"
 
 
+def test_rule_baseline_reads_open_fields_and_averages_a_reader_over_them():
+    fields = {"symptom location": ("Where?", ["On the left."]), "symptom duration": ("How long?", ["A week."]),
+              "trigger": ("What sets it off?", ["The cold."]), "symptom severity": ("How bad?", ["Mild."])}
+    sample = {"diagn": "x", "messages": [{"role": "user", "content": "I have a cough."},
+                                         {"role": "user", "content": "The cold."},  # told unasked
+                                         {"role": "assistant", "content": "Where?"},
+                                         {"role": "user", "content": "On the right."}]}  # asked, whatever the answer
+    assert rule_baseline.open_fields(sample, fields) == ["symptom duration", "symptom severity"]
+
+    def reward_fn(samples, responses):  # pays the duration 4, any other question 2, a stop 1
+        return [{"reward": {"How long?": 4.0, "<stop />": 1.0}.get(r, 2.0)} for r in responses]
+    order = ("duration", "severity", "trigger")
+    assert rule_baseline.reading_rows(reward_fn, [sample], order, 3, {"x": fields}) == {
+        "a field still open, each in turn (expected)": 3.0,  # (4 + 2) / 2
+        "always the symptom duration": 4.0, "always the symptom severity": 2.0}
+    # where the rule stops, every row stops
+    late = {**sample, "messages": sample["messages"] + [{"role": "assistant", "content": "Any allergies?"}]}
+    assert rule_baseline.reading_rows(reward_fn, [late], order, 3, {"x": fields}) == {
+        "a field still open, each in turn (expected)": 1.0,
+        "always the symptom duration": 1.0, "always the symptom severity": 1.0}
+
+
 def test_bench_gives_trl_the_prompts_and_sampling_that_l2a_trains_with():
     """benchmarks/bench.py compares plain GRPO steps: TRL's side must get the prompts that l2a's side
     draws under the bench's config, step by step, and l2a's side must sample as TRL's does."""
