@@ -60,19 +60,15 @@ def open_fields(sample, fields):
     return [f for f, (question, answers) in fields.items() if question not in said and not said & set(answers)]
 
 
-def expected_reward(reward_fn, sample, decision, questions):
-    """The mean reward of `questions` to the sample, asked one at a time; the stop's where the rule stops."""
-    if decision == judge.STOP or not questions:
-        questions = [judge.STOP]
-    scores = reward_fn([sample] * len(questions), questions)
-    return sum(s["reward"] for s in scores) / len(scores)
-
-
 def reading_rows(reward_fn, samples, order, n, bank):
-    """{row name: the mean reward over samples} for the reader and each template, under the rule's decisions."""
+    """{row name: the mean reward over samples} for the reader and each template, under the rule's decisions:
+    where the rule stops (or no field is open) the row stops too. A sample's questions count as their mean,
+    and each row's are graded in one batch."""
     def mean(pick):
-        return sum(expected_reward(reward_fn, s, answer(s, order, n), pick(s, bank[s["diagn"]]))
-                   for s in samples) / len(samples)
+        questions = [pick(s, bank[s["diagn"]]) if answer(s, order, n) != judge.STOP else [] for s in samples]
+        questions = [qs or [judge.STOP] for qs in questions]
+        scores = iter(reward_fn([s for s, qs in zip(samples, questions) for _ in qs], sum(questions, [])))
+        return sum(sum(next(scores)["reward"] for _ in qs) / len(qs) for qs in questions) / len(samples)
     rows = {"a field still open, each in turn (expected)":
             mean(lambda s, fields: [fields[f][0] for f in open_fields(s, fields)])}
     for field in TEMPLATES:
